@@ -1,0 +1,7 @@
+"""haf_kernels: fused HaF-RM / DPO-family losses that never materialise full-vocab logits."""
+
+from .logprobs import linear_logprobs, sequence_logprobs
+from .losses import HafLoss, HafLossOutput, fused_haf_loss
+
+__all__ = ["fused_haf_loss", "HafLoss", "HafLossOutput", "linear_logprobs", "sequence_logprobs"]
+__version__ = "0.1.0"

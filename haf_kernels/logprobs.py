@@ -1,0 +1,267 @@
+"""Token log-probabilities from hidden states and an LM head, never materialising ``[N, V]`` logits.
+
+Holds the ``autograd.Function``s and the backend dispatch; kernels live in ``backends/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import backends
+from .options import LogprobOptions, chunk_budget_bytes, compute_dtype
+from .validate import check_labels, check_logprob_args
+
+
+def _compact(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of non-ignored tokens, or ``None`` when every token counts (no copy needed)."""
+    valid = labels != ignore_index
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """``logp[N] = log_softmax(cap(scale·(hidden·weightᵀ + bias)))[labels]`` with a tiled backward.
+
+    Only non-ignored tokens reach the backend; ``lse[N]`` is all that is saved besides the inputs.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        opts: LogprobOptions,
+        backend: str,
+    ) -> torch.Tensor:
+        mod = backends.get(backend)
+        idx = _compact(labels, opts.ignore_index)
+        h, y = (hidden, labels) if idx is None else (hidden.index_select(0, idx), labels.index_select(0, idx))
+        out = torch.zeros(hidden.shape[0], dtype=compute_dtype(hidden.dtype), device=hidden.device)
+        if h.shape[0] > 0:
+            logp, lse = mod.forward(h, weight, y, bias, opts)
+        else:
+            logp = lse = torch.zeros(0, dtype=out.dtype, device=hidden.device)
+        if idx is None:
+            out = logp
+        else:
+            out.index_copy_(0, idx, logp)
+        ctx.save_for_backward(h, weight, bias, y, lse, idx)
+        ctx.opts, ctx.backend, ctx.n = opts, backend, hidden.shape[0]
+        ctx.hidden_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        h, weight, bias, y, lse, idx = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if h.shape[0] == 0 or not any(needs):
+            dh = torch.zeros(ctx.n, weight.shape[1], dtype=ctx.hidden_dtype, device=weight.device) if needs[0] else None
+            return (dh, torch.zeros_like(weight) if needs[1] else None,
+                    torch.zeros_like(bias) if needs[2] else None, None, None, None)
+        g = grad_out if idx is None else grad_out.index_select(0, idx)
+        mod = backends.get(ctx.backend)
+        dh, dw, db = mod.backward(g.contiguous(), h, weight, y, bias, lse, ctx.opts, needs)
+        if dh is not None and idx is not None:
+            full = torch.zeros(ctx.n, h.shape[1], dtype=dh.dtype, device=dh.device)
+            dh = full.index_copy_(0, idx, dh)
+        return dh, dw, db, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probabilities of ``labels`` under the LM head, without ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, D]`` (fp16/bf16/fp32/fp64) final hidden states.
+        weight: ``[V, D]`` LM-head weight, same dtype as ``hidden``.
+        labels: ``[N]`` int64 next-token targets; ``ignore_index`` marks tokens to skip.
+        bias: optional ``[V]`` LM-head bias.
+        logit_scale: multiplies the logits (Cohere ``logit_scale``, Granite ``1/logits_scaling``).
+        softcap: ``logits = softcap·tanh(logits/softcap)`` (Gemma-2/3 ``final_logit_softcapping``).
+        backend: ``"auto"`` | ``"triton"`` | ``"cpp"`` | ``"torch"`` | ``"reference"``.
+        chunk_tokens / chunk_vocab: tile sizes of the chunked backends (``None``: a ~64 MiB fp32 tile).
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 inputs), 0 where ``labels == ignore_index``. Differentiable
+        with respect to ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+
+    Plain PyTorch equivalent::
+
+        z = (hidden.float() @ weight.float().T + bias) * logit_scale
+        logp = z.log_softmax(-1).gather(-1, labels[:, None])[:, 0].masked_fill(labels == ignore_index, 0)
+    """
+    check_logprob_args(hidden, weight, labels, bias, logit_scale, softcap)
+    check_labels("labels", labels, weight.shape[0], ignore_index)
+    opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap),
+                          chunk_tokens, chunk_vocab)
+    name = backends.resolve(backend, hidden.device)
+    if name == "reference":
+        return backends.get("reference").linear_logprobs(hidden, weight, labels, bias, opts)
+    return LinearLogprobsFunction.apply(hidden, weight, bias, labels, opts, name)
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of token log-probs and token counts, forward only (reference models).
+
+    Args:
+        hidden: ``[S, T, D]`` hidden states; labels: ``[S, T]`` targets (``ignore_index`` skipped).
+
+    Returns:
+        ``(sums [S] float32, counts [S] int64)``; divide for length-averaged log-probs. Nothing is saved
+        for backward (runs under ``torch.no_grad()``).
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be [S, T, D], got {got}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be [S, T] = {list(hidden.shape[:2])}, got {got}")
+    s, t, d = hidden.shape
+    logp = linear_logprobs(hidden.reshape(s * t, d), weight, labels.reshape(s * t), bias=bias,
+                           ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, backend=backend)
+    counts = (labels != ignore_index).sum(dim=1)
+    return logp.view(s, t).sum(dim=1).float(), counts
+
+
+def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
+    """The backend's keep-logits pair, or a generic one that recomputes in backward."""
+    if hasattr(mod, "forward_keep") and hasattr(mod, "backward_saved"):
+        return mod.forward_keep, mod.backward_saved
+
+    def forward_keep(h, w, y, b, opts):
+        logp, lse = mod.forward(h, w, y, b, opts)
+        return logp, lse, None
+
+    def backward_saved(saved, g, h, w, y, b, lse, opts, needs):
+        dh, dw, db = mod.backward(g, h, w, y, b, lse, opts, needs)
+        dt = compute_dtype(h.dtype)
+        return dh, None if dw is None else dw.to(dt), None if db is None else db.to(dt)
+
+    return forward_keep, backward_saved
+
+
+def pairs_per_chunk(seq_len: int, vocab: int) -> int:
+    """Pairs whose fp32 logits (2·T·V·4 bytes each) fit the chunk budget; 0 if not even one does."""
+    return chunk_budget_bytes() // max(1, 2 * seq_len * vocab * 4)
+
+
+class FusedPairLossFunction(torch.autograd.Function):
+    """Whole policy loss with gradients finished inside the forward (3 GEMMs, O(chunk·V) memory).
+
+    Every policy loss is a weighted mean of per-pair terms with a denominator known up front, so a chunk
+    holding whole pairs can compute its logits once, its sequence log-probs, the pair losses, and at once
+    the gradients ``dH``, ``dW``, ``db``. ``backward`` only scales them by the upstream scalar. The
+    sequence log-probs it returns are detached (use ``linear_logprobs`` to differentiate through them).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ref_logps: torch.Tensor | None,
+        labels: torch.Tensor,
+        pair_loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
+        opts: LogprobOptions,
+        backend: str,
+        pairs_chunk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mod = backends.get(backend)
+        forward_keep, backward_saved = _keep_fns(mod)
+        two_b, t, d = hidden.shape
+        n_pairs = two_b // 2
+        dt = compute_dtype(hidden.dtype)
+        dev = hidden.device
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        need_ref = ref_logps is not None and ctx.needs_input_grad[3]
+        dh = torch.zeros_like(hidden) if needs[0] else None
+        dw = torch.zeros(weight.shape, dtype=dt, device=dev) if needs[1] else None
+        db = torch.zeros(weight.shape[0], dtype=dt, device=dev) if needs[2] else None
+        dref = torch.zeros(two_b, dtype=dt, device=dev) if need_ref else None
+        seq = torch.zeros(two_b, dtype=dt, device=dev)
+        total = torch.zeros((), dtype=dt, device=dev)
+        for p0 in range(0, n_pairs, pairs_chunk):
+            p1 = min(p0 + pairs_chunk, n_pairs)
+            rows = torch.cat([torch.arange(p0, p1, device=dev), torch.arange(n_pairs + p0, n_pairs + p1, device=dev)])
+            y_rows = labels.index_select(0, rows)
+            flat_y = y_rows.reshape(-1)
+            valid = (flat_y != opts.ignore_index).nonzero().squeeze(1)
+            h = hidden.index_select(0, rows).reshape(-1, d).index_select(0, valid)
+            y = flat_y.index_select(0, valid)
+            seq_of_token = valid // t
+            if h.shape[0] > 0:
+                logp, lse, saved = forward_keep(h, weight, y, bias, opts)
+            else:
+                logp = lse = torch.zeros(0, dtype=dt, device=dev)
+                saved = None
+            chunk_seq = torch.zeros(rows.shape[0], dtype=dt, device=dev).index_add_(0, seq_of_token, logp)
+            seq[rows] = chunk_seq
+            with torch.enable_grad():
+                leaf = chunk_seq.detach().requires_grad_(True)
+                ref = None
+                if ref_logps is not None:
+                    ref = ref_logps.detach().index_select(0, rows).to(dt).requires_grad_(need_ref)
+                loss = pair_loss(leaf, ref, torch.arange(p0, p1, device=dev))
+                grads = torch.autograd.grad(loss, [leaf] + ([ref] if need_ref else []))
+            total += loss.detach()
+            if need_ref:
+                dref[rows] = grads[1]
+            if h.shape[0] == 0 or not any(needs):
+                continue
+            g_tok = grads[0].index_select(0, seq_of_token)
+            c_dh, c_dw, c_db = backward_saved(saved, g_tok, h, weight, y, bias, lse, opts, needs)
+            del saved
+            if dh is not None:
+                block = torch.zeros(rows.shape[0] * t, d, dtype=hidden.dtype, device=dev)
+                block.index_copy_(0, valid, c_dh.to(hidden.dtype))
+                dh.index_copy_(0, rows, block.view(rows.shape[0], t, d))
+            if dw is not None:
+                dw += c_dw
+            if db is not None:
+                db += c_db
+        ctx.save_for_backward(
+            dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dref
+        )
+        ctx.ref_dtype = None if ref_logps is None else ref_logps.dtype
+        ctx.mark_non_differentiable(seq)
+        return total.float() if dt != torch.float64 else total, seq
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_seq: torch.Tensor):  # type: ignore[override]
+        dh, dw, db, dref = ctx.saved_tensors
+
+        def scale(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return (x * grad_loss.to(x.dtype)).to(dtype or x.dtype)
+
+        return scale(dh), scale(dw), scale(db), scale(dref, ctx.ref_dtype), None, None, None, None, None

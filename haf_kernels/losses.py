@@ -1,0 +1,259 @@
+"""HaF-RM loss: Bradley–Terry on reward-head scores plus a DPO-family loss on fused token log-probs.
+
+``loss = reward_weight · BT(r_c − r_r − margin) + alpha · policy(β · d)``, with
+``d = (logπ_c − logπref_c) − (logπ_r − logπref_r)``. Everything O(B) here is plain PyTorch; the O(N·V)
+part (token log-probs) goes through ``logprobs.py`` and never materialises full-vocab logits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .logprobs import FusedPairLossFunction, linear_logprobs, pairs_per_chunk
+from .options import LogprobOptions, compute_dtype
+from .validate import check_haf_args
+
+
+def smoothed_bt_loss(margin: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley–Terry loss with label smoothing ε: ``−(1−ε)·logσ(m) − ε·logσ(−m)``."""
+    loss = -F.logsigmoid(margin)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-margin)
+    return loss
+
+
+def policy_pair_loss(
+    d: torch.Tensor, kind: str, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.0
+) -> torch.Tensor:
+    """Per-pair DPO-family loss of the log-ratio difference ``d`` [B].
+
+    sigmoid: ``−(1−ε)·logσ(βd) − ε·logσ(−βd)``; hinge: ``relu(1 − βd)``; ipo: ``(d − 1/(2β))²``;
+    simpo: ``−(1−ε)·logσ(βd − γ) − ε·logσ(−(βd − γ))`` (``d`` from length-averaged log-probs).
+    """
+    if kind == "sigmoid":
+        return smoothed_bt_loss(beta * d, label_smoothing)
+    if kind == "hinge":
+        return torch.relu(1.0 - beta * d)
+    if kind == "ipo":
+        return (d - 1.0 / (2.0 * beta)) ** 2
+    if kind == "simpo":
+        return smoothed_bt_loss(beta * d - simpo_gamma, label_smoothing)
+    raise ValueError(f"policy_loss must be one of ('sigmoid', 'hinge', 'ipo', 'simpo'), got {kind!r}")
+
+
+@dataclass
+class HafLossOutput:
+    """Result of ``fused_haf_loss``. Shapes: scalars unless noted; B = number of pairs.
+
+    ``reward_loss``, ``reward_margin`` and ``reward_accuracy`` are ``None`` when ``rewards`` is ``None``.
+    ``chosen_logps``/``rejected_logps`` [B] are sequence sums (means with ``average_log_prob`` or
+    ``simpo``); ``implicit_margin`` [B] is ``β·d``. When gradients were finished inside the forward (the
+    default while training) the log-probs and implicit margins are detached.
+    """
+
+    loss: torch.Tensor
+    reward_loss: torch.Tensor | None
+    policy_loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    reward_margin: torch.Tensor | None
+    implicit_margin: torch.Tensor
+    reward_accuracy: torch.Tensor | None
+    implicit_accuracy: torch.Tensor
+
+
+def _grad_in_forward_default() -> bool:
+    return os.environ.get("HAF_GRAD_IN_FORWARD", "1") != "0"
+
+
+def fused_haf_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    rewards: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.2,
+    reward_weight: float = 1.0,
+    policy_loss: str = "sigmoid",
+    simpo_gamma: float = 0.0,
+    average_log_prob: bool = False,
+    reward_margin: torch.Tensor | float | None = None,
+    label_smoothing: float = 0.0,
+    pair_weights: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    grad_in_forward: bool | None = None,
+) -> HafLossOutput:
+    """HaF-RM hybrid loss of a concatenated chosen/rejected batch, without full-vocab logits.
+
+    Args:
+        hidden: ``[2B, T, D]`` final hidden states; rows ``0..B-1`` chosen, ``B..2B-1`` rejected.
+        lm_head_weight: ``[V, D]`` LM head (the policy layer), same dtype as ``hidden``.
+        labels: ``[2B, T]`` int64 next-token targets aligned with ``hidden``; ``ignore_index`` on
+            prompt and padding.
+        rewards: ``[2B]`` reward-head scores; ``None`` drops the BT term (plain DPO family).
+        ref_logps: ``[2B]`` reference sequence log-probs; ``None`` is reference-free.
+        beta, alpha, reward_weight: ``loss = reward_weight·BT + alpha·policy`` (HaF: 0.1, 0.2, 1).
+        policy_loss: ``"sigmoid"`` | ``"hinge"`` | ``"ipo"`` | ``"simpo"`` (length-averaged, reference-free).
+        simpo_gamma: SimPO target margin γ. average_log_prob: use per-token means instead of sums.
+        reward_margin: ``[B]`` or scalar margin subtracted inside the BT term (adaptive margin).
+        label_smoothing: ε in ``[0, 0.5)`` for the BT term and the sigmoid/simpo policy terms.
+        pair_weights: ``[B]`` non-negative weights; each term is ``Σ wᵢ·lossᵢ / Σ wᵢ`` (0 if all are 0).
+        lm_head_bias, logit_scale, softcap, ignore_index, backend: as in ``linear_logprobs``.
+        grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
+            outputs detached). ``None``: on when gradients are needed and two sequences' fp32 logits fit
+            the chunk budget; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
+
+    Plain PyTorch equivalent (materialising logits)::
+
+        logp = (hidden @ W.T).float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        seq = (logp * (labels != ignore_index)).sum(-1)
+        d = (seq[:B] - ref[:B]) - (seq[B:] - ref[B:])
+        loss = reward_weight * -logsigmoid(r[:B] - r[B:] - margin).mean() + alpha * -logsigmoid(beta * d).mean()
+    """
+    n_pairs = check_haf_args(
+        hidden, lm_head_weight, labels, rewards, ref_logps, beta=beta, alpha=alpha, reward_weight=reward_weight,
+        policy_loss=policy_loss, simpo_gamma=simpo_gamma, reward_margin=reward_margin,
+        label_smoothing=label_smoothing, pair_weights=pair_weights, bias=lm_head_bias, logit_scale=logit_scale,
+        softcap=softcap, ignore_index=ignore_index,
+    )
+    if rewards is None and alpha == 0:
+        raise ValueError("alpha must be > 0 when rewards is None (otherwise the loss has no term)")
+    dev = hidden.device
+    dt = compute_dtype(hidden.dtype)
+    two_b, seq_len, dim = hidden.shape
+    opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
+    name = backends.resolve(backend, dev)
+    averaged = average_log_prob or policy_loss == "simpo"
+
+    weights = torch.ones(n_pairs, dtype=dt, device=dev) if pair_weights is None else pair_weights.to(dt)
+    norm_weights = weights / weights.sum().clamp_min(torch.finfo(dt).tiny)
+    counts = (labels != ignore_index).sum(dim=1).to(dt)
+    denom = counts.clamp_min(1.0) if averaged else torch.ones_like(counts)
+
+    def log_ratio(seq: torch.Tensor, ref: torch.Tensor | None, k: int) -> torch.Tensor:
+        """``d`` for k pairs from sequence log-probs [2k] (already averaged if asked)."""
+        chosen, rejected = seq[:k], seq[k:]
+        if ref is not None:
+            chosen, rejected = chosen - ref[:k], rejected - ref[k:]
+        return chosen - rejected
+
+    def weighted_policy(seq_sums: torch.Tensor, ref: torch.Tensor | None, pair_idx: torch.Tensor) -> torch.Tensor:
+        k = pair_idx.shape[0]
+        rows = torch.cat([pair_idx, pair_idx + n_pairs])
+        d = log_ratio(seq_sums / denom[rows], ref, k)
+        terms = policy_pair_loss(d, policy_loss, beta, label_smoothing, simpo_gamma)
+        return (terms * norm_weights[pair_idx]).sum()
+
+    ref = None if ref_logps is None else ref_logps.to(dt)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias, ref_logps)
+    )
+    per_chunk = pairs_per_chunk(seq_len, lm_head_weight.shape[0])
+    if grad_in_forward is None:
+        grad_in_forward = _grad_in_forward_default() and per_chunk >= 1 and name != "reference"
+    use_fused = grad_in_forward and need_grad and alpha > 0 and name != "reference"
+
+    if use_fused:
+        policy, seq_sums = FusedPairLossFunction.apply(
+            hidden, lm_head_weight, lm_head_bias, ref, labels, weighted_policy, opts, name, max(1, per_chunk)
+        )
+        seq_sums = seq_sums.to(dt)
+    else:
+        ctx = torch.enable_grad() if alpha > 0 else torch.no_grad()
+        with ctx:
+            tok = linear_logprobs(
+                hidden.reshape(two_b * seq_len, dim), lm_head_weight, labels.reshape(two_b * seq_len),
+                bias=lm_head_bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                backend=name,
+            )
+            seq_sums = tok.view(two_b, seq_len).sum(dim=1).to(dt)
+            policy = weighted_policy(seq_sums, ref, torch.arange(n_pairs, device=dev))
+
+    seq_logps = seq_sums / denom
+    d = log_ratio(seq_logps, ref, n_pairs)
+    implicit_margin = beta * d
+    loss = alpha * policy
+
+    reward_loss = reward_diff = reward_acc = None
+    if rewards is not None:
+        r = rewards.to(dt)
+        reward_diff = r[:n_pairs] - r[n_pairs:]
+        m = reward_diff
+        if reward_margin is not None:
+            m = m - (reward_margin.to(dt) if isinstance(reward_margin, torch.Tensor) else float(reward_margin))
+        reward_loss = (smoothed_bt_loss(m, label_smoothing) * norm_weights).sum()
+        loss = loss + reward_weight * reward_loss
+        reward_acc = (reward_diff > 0).to(dt).mean()
+
+    out_dt = torch.float64 if dt == torch.float64 else torch.float32
+    cast = lambda x: None if x is None else x.to(out_dt)  # noqa: E731
+    return HafLossOutput(
+        loss=cast(loss),
+        reward_loss=cast(reward_loss),
+        policy_loss=cast(policy),
+        chosen_logps=cast(seq_logps[:n_pairs]),
+        rejected_logps=cast(seq_logps[n_pairs:]),
+        reward_margin=cast(reward_diff),
+        implicit_margin=cast(implicit_margin),
+        reward_accuracy=cast(reward_acc),
+        implicit_accuracy=cast((d > 0).to(dt).mean()),
+    )
+
+
+class HafLoss(nn.Module):
+    """``nn.Module`` form of ``fused_haf_loss`` with the hyper-parameters stored at construction."""
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        alpha: float = 0.2,
+        reward_weight: float = 1.0,
+        policy_loss: str = "sigmoid",
+        simpo_gamma: float = 0.0,
+        average_log_prob: bool = False,
+        label_smoothing: float = 0.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        grad_in_forward: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            beta=beta, alpha=alpha, reward_weight=reward_weight, policy_loss=policy_loss, simpo_gamma=simpo_gamma,
+            average_log_prob=average_log_prob, label_smoothing=label_smoothing, logit_scale=logit_scale,
+            softcap=softcap, ignore_index=ignore_index, backend=backend, grad_in_forward=grad_in_forward,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        labels: torch.Tensor,
+        rewards: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        *,
+        reward_margin: torch.Tensor | float | None = None,
+        pair_weights: torch.Tensor | None = None,
+        lm_head_bias: torch.Tensor | None = None,
+    ) -> HafLossOutput:
+        return fused_haf_loss(
+            hidden, lm_head_weight, labels, rewards, ref_logps, reward_margin=reward_margin,
+            pair_weights=pair_weights, lm_head_bias=lm_head_bias, **self.kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,178 @@
+"""Argument checks shared by every backend: shapes, dtypes, devices, label range.
+
+Every failure raises ``ValueError`` / ``TypeError`` naming the argument, what was expected and what was
+received, so bad input never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+POLICY_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got dtype {t.dtype}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def check_labels(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """``labels`` must be integer, each in ``[0, vocab)`` or equal to ``ignore_index``."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (int64/int32), got dtype {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    valid = labels != ignore_index
+    if bool(valid.any()):
+        vals = labels[valid]
+        lo, hi = int(vals.min()), int(vals.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} must be in [0, {vocab}) (the vocab size of weight) or equal ignore_index={ignore_index}; "
+                f"found {bad}"
+            )
+
+
+def check_logprob_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float | None,
+    *,
+    hidden_name: str = "hidden",
+    labels_name: str = "labels",
+) -> None:
+    """Checks for ``linear_logprobs``: hidden [N, D], weight [V, D], labels [N], bias [V]."""
+    check_tensor(hidden_name, hidden)
+    check_tensor("weight", weight)
+    check_tensor(labels_name, labels)
+    check_float(hidden_name, hidden)
+    check_float("weight", weight)
+    if hidden.dim() != 2:
+        raise ValueError(f"{hidden_name} must be [N, D], got shape {_shape(hidden)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {_shape(weight)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (vocab V >= 1), got shape {_shape(weight)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} [N, D] and weight [V, D] must share D: got {_shape(hidden)} and {_shape(weight)}"
+        )
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{labels_name} must be [N] = [{hidden.shape[0]}], got shape {_shape(labels)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{hidden_name} and weight must have one dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_float("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {_shape(bias)}")
+    check_same_device(hidden_name, hidden, weight=weight, **{labels_name: labels}, bias=bias)
+    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) or logit_scale == 0:
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+
+
+def check_haf_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rewards: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    alpha: float,
+    reward_weight: float,
+    policy_loss: str,
+    simpo_gamma: float,
+    reward_margin: torch.Tensor | float | None,
+    label_smoothing: float,
+    pair_weights: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float | None,
+    ignore_index: int,
+) -> int:
+    """Checks for ``fused_haf_loss``; returns the number of pairs B."""
+    check_tensor("hidden", hidden)
+    check_tensor("labels", labels)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [2B, T, D] (chosen rows then rejected rows), got shape {_shape(hidden)}")
+    if hidden.shape[0] == 0 or hidden.shape[0] % 2 != 0:
+        raise ValueError(
+            f"hidden must have an even, non-zero number of rows 2B (B chosen then B rejected), got {hidden.shape[0]}"
+        )
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"labels must be [2B, T] = [{hidden.shape[0]}, {hidden.shape[1]}] like hidden, got shape {_shape(labels)}"
+        )
+    check_logprob_args(
+        hidden.reshape(-1, hidden.shape[-1]) if hidden.numel() else hidden.new_empty(0, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        bias,
+        logit_scale,
+        softcap,
+    )
+    check_labels("labels", labels, weight.shape[0], ignore_index)
+    n_pairs = hidden.shape[0] // 2
+    for name, t in (("rewards", rewards), ("ref_logps", ref_logps)):
+        if t is None:
+            continue
+        check_tensor(name, t)
+        check_float(name, t)
+        if t.dim() != 1 or t.shape[0] != 2 * n_pairs:
+            raise ValueError(f"{name} must be [2B] = [{2 * n_pairs}] (chosen then rejected), got shape {_shape(t)}")
+        check_same_device("hidden", hidden, **{name: t})
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
+    if policy_loss == "simpo" and ref_logps is not None:
+        raise ValueError("policy_loss='simpo' is reference-free: pass ref_logps=None")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    for name, value in (("alpha", alpha), ("reward_weight", reward_weight)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not isinstance(simpo_gamma, (int, float)) or not math.isfinite(simpo_gamma):
+        raise ValueError(f"simpo_gamma must be a finite number, got {simpo_gamma!r}")
+    if not isinstance(label_smoothing, (int, float)) or not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if reward_margin is not None and isinstance(reward_margin, torch.Tensor):
+        check_float("reward_margin", reward_margin)
+        if reward_margin.dim() > 1 or (reward_margin.dim() == 1 and reward_margin.shape[0] != n_pairs):
+            raise ValueError(f"reward_margin must be a scalar or [B] = [{n_pairs}], got shape {_shape(reward_margin)}")
+        check_same_device("hidden", hidden, reward_margin=reward_margin)
+    elif reward_margin is not None and not isinstance(reward_margin, (int, float)):
+        raise TypeError(f"reward_margin must be None, a number or a tensor, got {type(reward_margin).__name__}")
+    if pair_weights is not None:
+        check_tensor("pair_weights", pair_weights)
+        check_float("pair_weights", pair_weights)
+        if pair_weights.dim() != 1 or pair_weights.shape[0] != n_pairs:
+            raise ValueError(f"pair_weights must be [B] = [{n_pairs}], got shape {_shape(pair_weights)}")
+        check_same_device("hidden", hidden, pair_weights=pair_weights)
+        if bool((pair_weights < 0).any()) or not bool(torch.isfinite(pair_weights).all()):
+            raise ValueError("pair_weights must be finite and >= 0 (0 drops a pair)")
+    return n_pairs
