@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import backends
-from .options import LogprobOptions, chunk_budget_bytes, compute_dtype
+from .options import LogprobOptions, compute_dtype, fused_budget_bytes
 from .validate import check_labels, check_logprob_args
 
 
@@ -62,8 +62,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if h.shape[0] == 0 or not any(needs):
             dh = torch.zeros(ctx.n, weight.shape[1], dtype=ctx.hidden_dtype, device=weight.device) if needs[0] else None
-            return (dh, torch.zeros_like(weight) if needs[1] else None,
-                    torch.zeros_like(bias) if needs[2] else None, None, None, None)
+            return (
+                dh,
+                torch.zeros_like(weight) if needs[1] else None,
+                torch.zeros_like(bias) if needs[2] else None,
+                None,
+                None,
+                None,
+            )
         g = grad_out if idx is None else grad_out.index_select(0, idx)
         mod = backends.get(ctx.backend)
         dh, dw, db = mod.backward(g.contiguous(), h, weight, y, bias, lse, ctx.opts, needs)
@@ -109,8 +115,9 @@ def linear_logprobs(
     """
     check_logprob_args(hidden, weight, labels, bias, logit_scale, softcap)
     check_labels("labels", labels, weight.shape[0], ignore_index)
-    opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap),
-                          chunk_tokens, chunk_vocab)
+    opts = LogprobOptions(
+        ignore_index, float(logit_scale), None if softcap is None else float(softcap), chunk_tokens, chunk_vocab
+    )
     name = backends.resolve(backend, hidden.device)
     if name == "reference":
         return backends.get("reference").linear_logprobs(hidden, weight, labels, bias, opts)
@@ -145,8 +152,16 @@ def sequence_logprobs(
         got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be [S, T] = {list(hidden.shape[:2])}, got {got}")
     s, t, d = hidden.shape
-    logp = linear_logprobs(hidden.reshape(s * t, d), weight, labels.reshape(s * t), bias=bias,
-                           ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, backend=backend)
+    logp = linear_logprobs(
+        hidden.reshape(s * t, d),
+        weight,
+        labels.reshape(s * t),
+        bias=bias,
+        ignore_index=ignore_index,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        backend=backend,
+    )
     counts = (labels != ignore_index).sum(dim=1)
     return logp.view(s, t).sum(dim=1).float(), counts
 
@@ -169,8 +184,8 @@ def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
 
 
 def pairs_per_chunk(seq_len: int, vocab: int) -> int:
-    """Pairs whose fp32 logits (2·T·V·4 bytes each) fit the chunk budget; 0 if not even one does."""
-    return chunk_budget_bytes() // max(1, 2 * seq_len * vocab * 4)
+    """Pairs whose fp32 logits (2·T·V·4 bytes each) fit the whole-loss budget; 0 if not even one does."""
+    return fused_budget_bytes() // max(1, 2 * seq_len * vocab * 4)
 
 
 class FusedPairLossFunction(torch.autograd.Function):

@@ -123,10 +123,23 @@ def fused_haf_loss(
         loss = reward_weight * -logsigmoid(r[:B] - r[B:] - margin).mean() + alpha * -logsigmoid(beta * d).mean()
     """
     n_pairs = check_haf_args(
-        hidden, lm_head_weight, labels, rewards, ref_logps, beta=beta, alpha=alpha, reward_weight=reward_weight,
-        policy_loss=policy_loss, simpo_gamma=simpo_gamma, reward_margin=reward_margin,
-        label_smoothing=label_smoothing, pair_weights=pair_weights, bias=lm_head_bias, logit_scale=logit_scale,
-        softcap=softcap, ignore_index=ignore_index,
+        hidden,
+        lm_head_weight,
+        labels,
+        rewards,
+        ref_logps,
+        beta=beta,
+        alpha=alpha,
+        reward_weight=reward_weight,
+        policy_loss=policy_loss,
+        simpo_gamma=simpo_gamma,
+        reward_margin=reward_margin,
+        label_smoothing=label_smoothing,
+        pair_weights=pair_weights,
+        bias=lm_head_bias,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        ignore_index=ignore_index,
     )
     if rewards is None and alpha == 0:
         raise ValueError("alpha must be > 0 when rewards is None (otherwise the loss has no term)")
@@ -174,8 +187,13 @@ def fused_haf_loss(
         ctx = torch.enable_grad() if alpha > 0 else torch.no_grad()
         with ctx:
             tok = linear_logprobs(
-                hidden.reshape(two_b * seq_len, dim), lm_head_weight, labels.reshape(two_b * seq_len),
-                bias=lm_head_bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                hidden.reshape(two_b * seq_len, dim),
+                lm_head_weight,
+                labels.reshape(two_b * seq_len),
+                bias=lm_head_bias,
+                ignore_index=ignore_index,
+                logit_scale=logit_scale,
+                softcap=softcap,
                 backend=name,
             )
             seq_sums = tok.view(two_b, seq_len).sum(dim=1).to(dt)
@@ -233,9 +251,18 @@ class HafLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.kwargs = dict(
-            beta=beta, alpha=alpha, reward_weight=reward_weight, policy_loss=policy_loss, simpo_gamma=simpo_gamma,
-            average_log_prob=average_log_prob, label_smoothing=label_smoothing, logit_scale=logit_scale,
-            softcap=softcap, ignore_index=ignore_index, backend=backend, grad_in_forward=grad_in_forward,
+            beta=beta,
+            alpha=alpha,
+            reward_weight=reward_weight,
+            policy_loss=policy_loss,
+            simpo_gamma=simpo_gamma,
+            average_log_prob=average_log_prob,
+            label_smoothing=label_smoothing,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            backend=backend,
+            grad_in_forward=grad_in_forward,
         )
 
     def forward(
@@ -251,8 +278,15 @@ class HafLoss(nn.Module):
         lm_head_bias: torch.Tensor | None = None,
     ) -> HafLossOutput:
         return fused_haf_loss(
-            hidden, lm_head_weight, labels, rewards, ref_logps, reward_margin=reward_margin,
-            pair_weights=pair_weights, lm_head_bias=lm_head_bias, **self.kwargs,
+            hidden,
+            lm_head_weight,
+            labels,
+            rewards,
+            ref_logps,
+            reward_margin=reward_margin,
+            pair_weights=pair_weights,
+            lm_head_bias=lm_head_bias,
+            **self.kwargs,
         )
 
     def extra_repr(self) -> str:

@@ -37,7 +37,10 @@ _errors: dict[str, str] = {}
 def _load(name: str) -> ModuleType | None:
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            mod = importlib.import_module(_MODULES[name])
+            if not callable(getattr(mod, "is_available", None)):
+                raise ImportError(f"{_MODULES[name]} does not implement the backend protocol")
+            _loaded[name] = mod
         except Exception as exc:  # a missing optional dependency must not break the package
             _loaded[name] = None
             _errors[name] = f"{type(exc).__name__}: {exc}"

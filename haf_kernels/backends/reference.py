@@ -27,9 +27,7 @@ def why_unavailable() -> str:
     return ""
 
 
-def logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, opts: LogprobOptions
-) -> torch.Tensor:
+def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, opts: LogprobOptions) -> torch.Tensor:
     """Full logits ``[N, V]`` in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
     dt = compute_dtype(hidden.dtype)
     z = hidden.to(dt) @ weight.to(dt).T

@@ -1,0 +1,189 @@
+"""linear_logprobs / sequence_logprobs on every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BACKENDS, DTYPES, rel_err, tol
+
+import haf_kernels as hk
+from haf_kernels import backends
+from haf_kernels.backends import reference
+from haf_kernels.options import LogprobOptions
+
+CASES = [(b, dt) for b in BACKENDS for dt in DTYPES[b]]
+
+
+def make_inputs(n, d, v, dtype, *, ignore_frac=0.3, bias=False, scale=1.0):
+    hidden = (torch.randn(n, d, dtype=torch.float64) * scale).to(dtype)
+    weight = (torch.randn(v, d, dtype=torch.float64) / d**0.5).to(dtype)
+    labels = torch.randint(0, v, (n,))
+    labels[torch.rand(n) < ignore_frac] = -100
+    b = torch.randn(v, dtype=torch.float64).to(dtype) if bias else None
+    return hidden, weight, labels, b
+
+
+def reference_grads(hidden, weight, labels, bias, g, **kw):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    out = hk.linear_logprobs(h, w, labels, bias=b, backend="reference", **kw)
+    grads = torch.autograd.grad(out, [h, w] + ([b] if b is not None else []), g.double())
+    return out.detach(), grads
+
+
+def run_backend(backend, hidden, weight, labels, bias, g, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = hk.linear_logprobs(h, w, labels, bias=b, backend=backend, **kw)
+    grads = torch.autograd.grad(out, [h, w] + ([b] if b is not None else []), g.to(out.dtype))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("vocab", [1, 5, 37, 257, 1000])
+def test_values_and_grads_odd_vocab(backend, dtype, vocab):
+    n, d = 19, 24
+    hidden, weight, labels, _ = make_inputs(n, d, vocab, dtype)
+    g = torch.randn(n)
+    out, grads = run_backend(backend, hidden, weight, labels, None, g)
+    ref, ref_grads = reference_grads(hidden, weight, labels, None, g)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(out).all()
+    assert (out[labels == -100] == 0).all()
+    assert rel_err(out, ref) < tol(dtype)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < tol(dtype) * (5 if dtype == torch.float16 else 1)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize(
+    "bias,logit_scale,softcap",
+    [(True, 1.0, None), (False, 0.37, None), (False, 1.0, 2.5), (True, 1.7, 4.0)],
+    ids=["bias", "scale", "softcap", "all"],
+)
+def test_bias_scale_softcap(backend, dtype, bias, logit_scale, softcap):
+    n, d, v = 23, 16, 61
+    hidden, weight, labels, b = make_inputs(n, d, v, dtype, bias=bias, scale=2.0)
+    g = torch.randn(n)
+    kw = dict(logit_scale=logit_scale, softcap=softcap)
+    out, grads = run_backend(backend, hidden, weight, labels, b, g, **kw)
+    ref, ref_grads = reference_grads(hidden, weight, labels, b, g, **kw)
+    assert rel_err(out, ref) < tol(dtype)
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < tol(dtype) * (5 if dtype == torch.float16 else 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token_and_all_ignored(backend):
+    hidden, weight, labels, _ = make_inputs(1, 8, 13, torch.float32, ignore_frac=0.0)
+    g = torch.randn(1)
+    out, grads = run_backend(backend, hidden, weight, labels, None, g)
+    ref, ref_grads = reference_grads(hidden, weight, labels, None, g)
+    assert rel_err(out, ref) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
+
+    hidden, weight, labels, _ = make_inputs(7, 8, 13, torch.float32)
+    labels[:] = -100
+    out, grads = run_backend(backend, hidden, weight, labels, None, torch.randn(7))
+    assert (out == 0).all()
+    assert all((gr == 0).all() for gr in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_equals_contiguous(backend):
+    n, d, v = 12, 20, 33
+    big_h = torch.randn(n, 2 * d)
+    hidden = big_h[:, ::2]  # strided view
+    weight = torch.randn(d, v).T  # transposed view
+    labels = torch.randint(0, v, (2 * n,))[::2]
+    assert not hidden.is_contiguous() and not weight.is_contiguous() and not labels.is_contiguous()
+    g = torch.randn(n)
+    out, grads = run_backend(backend, hidden, weight, labels, None, g)
+    out_c, grads_c = run_backend(backend, hidden.contiguous(), weight.contiguous(), labels.contiguous(), None, g)
+    assert rel_err(out, out_c) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads, grads_c))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if torch.float64 in DTYPES[b]])
+def test_gradcheck_float64(backend):
+    n, d, v = 6, 5, 11
+    hidden, weight, labels, b = make_inputs(n, d, v, torch.float64, bias=True)
+    labels[0] = -100
+    h = hidden.requires_grad_()
+    w = weight.requires_grad_()
+    bb = b.requires_grad_()
+
+    def fn(h, w, bb):
+        return hk.linear_logprobs(h, w, labels, bias=bb, backend=backend, softcap=3.0, logit_scale=0.8)
+
+    assert torch.autograd.gradcheck(fn, (h, w, bb), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_torch_backend_chunking_matches_single_tile():
+    """Tiny tiles (several token and vocab chunks, ragged last ones) give the single-tile result."""
+    n, d, v = 37, 12, 101
+    hidden, weight, labels, b = make_inputs(n, d, v, torch.float64, bias=True)
+    mod = backends.get("torch")
+    whole = mod.forward(hidden, weight, labels, b, LogprobOptions(chunk_tokens=n, chunk_vocab=v))
+    tiled = mod.forward(hidden, weight, labels, b, LogprobOptions(chunk_tokens=5, chunk_vocab=17))
+    assert rel_err(tiled[0], whole[0]) < 1e-12 and rel_err(tiled[1], whole[1]) < 1e-12
+    g = torch.randn(n, dtype=torch.float64)
+    full = mod.backward(g, hidden, weight, labels, b, whole[1], LogprobOptions(), (True, True, True))
+    small = mod.backward(
+        g, hidden, weight, labels, b, whole[1], LogprobOptions(chunk_tokens=4, chunk_vocab=9), (True, True, True)
+    )
+    assert all(rel_err(a, c) < 1e-12 for a, c in zip(small, full))
+
+
+def test_chunk_env_override(monkeypatch):
+    monkeypatch.setenv("HAF_CHUNK_TOKENS", "3")
+    monkeypatch.setenv("HAF_CHUNK_VOCAB", "7")
+    assert LogprobOptions().tile(100, 50) == (3, 7)
+    monkeypatch.setenv("HAF_CHUNK_TOKENS", "zero")
+    with pytest.raises(ValueError, match="HAF_CHUNK_TOKENS"):
+        LogprobOptions().tile(100, 50)
+
+
+def test_default_tile_bounds_memory():
+    t, v = LogprobOptions().tile(1 << 20, 32000)
+    assert t * v * 4 <= 64 * (1 << 20) and t >= 16 and v == 32000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logprobs(backend):
+    s, t, d, v = 4, 9, 8, 29
+    hidden = torch.randn(s, t, d)
+    weight = torch.randn(v, d)
+    labels = torch.randint(0, v, (s, t))
+    labels[:, :3] = -100
+    labels[2] = -100
+    sums, counts = hk.sequence_logprobs(hidden, weight, labels, backend=backend)
+    tok = reference.linear_logprobs(
+        hidden.double().view(-1, d), weight.double(), labels.view(-1), None, LogprobOptions()
+    )
+    assert rel_err(sums, tok.view(s, t).sum(1)) < 1e-5
+    assert counts.tolist() == (labels != -100).sum(1).tolist()
+    assert sums[2] == 0 and not sums.requires_grad
+
+
+def test_auto_backend_and_env_override(monkeypatch):
+    cpu = torch.device("cpu")
+    expected = "cpp" if backends.is_available("cpp") else "torch"
+    monkeypatch.delenv("HAF_KERNELS_BACKEND", raising=False)
+    assert backends.resolve("auto", cpu) == expected
+    monkeypatch.setenv("HAF_KERNELS_BACKEND", "reference")
+    assert backends.resolve("auto", cpu) == "reference"
+    monkeypatch.setenv("HAF_KERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend"):
+        backends.resolve("auto", cpu)
+
+
+def test_available_reports_every_backend():
+    avail = backends.available()
+    assert set(avail) == {"triton", "cpp", "torch", "reference"}
+    assert avail["torch"] and avail["reference"]
+    for name, why in backends.unavailable_reasons().items():
+        assert not avail[name] and why
