@@ -5,13 +5,14 @@ Holds the ``autograd.Function``s and the backend dispatch; kernels live in ``bac
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import backends
-from .options import LogprobOptions, compute_dtype, fused_budget_bytes
+from .options import LogprobOptions, chunk_budget_bytes, compute_dtype
 from .validate import check_labels, check_logprob_args
 
 
@@ -183,9 +184,27 @@ def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
     return forward_keep, backward_saved
 
 
-def pairs_per_chunk(seq_len: int, vocab: int) -> int:
-    """Pairs whose fp32 logits (2·T·V·4 bytes each) fit the whole-loss budget; 0 if not even one does."""
-    return fused_budget_bytes() // max(1, 2 * seq_len * vocab * 4)
+def pair_chunks(labels: torch.Tensor, vocab: int, ignore_index: int) -> list[tuple[int, int]] | None:
+    """Split the B pairs into runs ``[p0, p1)`` whose kept fp32 logits fit ``HAF_CHUNK_MB``.
+
+    Only non-ignored tokens are kept, so a pair costs ``(valid_c + valid_r)·V·4`` bytes. Returns ``None``
+    when a single pair does not fit (the caller then recomputes in backward instead).
+    """
+    n_pairs = labels.shape[0] // 2
+    counts = (labels != ignore_index).sum(dim=1).tolist()
+    budget_tokens = chunk_budget_bytes() // (4 * max(vocab, 1))
+    chunks: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i in range(n_pairs):
+        cost = counts[i] + counts[n_pairs + i]
+        if cost > budget_tokens:
+            return None
+        if used + cost > budget_tokens:
+            chunks.append((start, i))
+            start, used = i, 0
+        used += cost
+    chunks.append((start, n_pairs))
+    return chunks
 
 
 class FusedPairLossFunction(torch.autograd.Function):
@@ -208,10 +227,11 @@ class FusedPairLossFunction(torch.autograd.Function):
         pair_loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
         opts: LogprobOptions,
         backend: str,
-        pairs_chunk: int,
+        chunks: list[tuple[int, int]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mod = backends.get(backend)
         forward_keep, backward_saved = _keep_fns(mod)
+        accumulates = "dw_acc" in inspect.signature(backward_saved).parameters
         two_b, t, d = hidden.shape
         n_pairs = two_b // 2
         dt = compute_dtype(hidden.dtype)
@@ -219,13 +239,11 @@ class FusedPairLossFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         need_ref = ref_logps is not None and ctx.needs_input_grad[3]
         dh = torch.zeros_like(hidden) if needs[0] else None
-        dw = torch.zeros(weight.shape, dtype=dt, device=dev) if needs[1] else None
-        db = torch.zeros(weight.shape[0], dtype=dt, device=dev) if needs[2] else None
+        dw = db = None  # the first chunk's gradients become the accumulators (no extra [V, D] buffer)
         dref = torch.zeros(two_b, dtype=dt, device=dev) if need_ref else None
         seq = torch.zeros(two_b, dtype=dt, device=dev)
         total = torch.zeros((), dtype=dt, device=dev)
-        for p0 in range(0, n_pairs, pairs_chunk):
-            p1 = min(p0 + pairs_chunk, n_pairs)
+        for p0, p1 in chunks:
             rows = torch.cat([torch.arange(p0, p1, device=dev), torch.arange(n_pairs + p0, n_pairs + p1, device=dev)])
             y_rows = labels.index_select(0, rows)
             flat_y = y_rows.reshape(-1)
@@ -253,30 +271,44 @@ class FusedPairLossFunction(torch.autograd.Function):
             if h.shape[0] == 0 or not any(needs):
                 continue
             g_tok = grads[0].index_select(0, seq_of_token)
-            c_dh, c_dw, c_db = backward_saved(saved, g_tok, h, weight, y, bias, lse, opts, needs)
+            if accumulates and dw is not None:
+                c_dh, dw, db = backward_saved(saved, g_tok, h, weight, y, bias, lse, opts, needs, dw_acc=dw, db_acc=db)
+                c_dw = c_db = None
+            else:
+                c_dh, c_dw, c_db = backward_saved(saved, g_tok, h, weight, y, bias, lse, opts, needs)
             del saved
             if dh is not None:
                 block = torch.zeros(rows.shape[0] * t, d, dtype=hidden.dtype, device=dev)
                 block.index_copy_(0, valid, c_dh.to(hidden.dtype))
                 dh.index_copy_(0, rows, block.view(rows.shape[0], t, d))
-            if dw is not None:
-                dw += c_dw
-            if db is not None:
-                db += c_db
-        ctx.save_for_backward(
-            dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dref
-        )
+            if c_dw is not None:
+                dw = c_dw if dw is None else dw.add_(c_dw)
+            if c_db is not None:
+                db = c_db if db is None else db.add_(c_db)
+        if needs[1] and dw is None:
+            dw = torch.zeros(weight.shape, dtype=dt, device=dev)
+        if needs[2] and db is None:
+            db = torch.zeros(weight.shape[0], dtype=dt, device=dev)
+        # Held as a plain attribute, not saved tensors: backward hands them to autograd and drops its own
+        # reference, so autograd adopts them as .grad without a copy.
+        ctx.grads = [dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dref]
         ctx.ref_dtype = None if ref_logps is None else ref_logps.dtype
         ctx.mark_non_differentiable(seq)
         return total.float() if dt != torch.float64 else total, seq
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_seq: torch.Tensor):  # type: ignore[override]
-        dh, dw, db, dref = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_haf_loss finished its gradients in the forward pass and they were already used; to "
+                "back-propagate twice (retain_graph=True) call it with grad_in_forward=False"
+            )
+        dh, dw, db, dref = ctx.grads
+        ctx.grads = None
 
         def scale(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
             if x is None:
                 return None
-            return (x * grad_loss.to(x.dtype)).to(dtype or x.dtype)
+            return x.mul_(grad_loss.to(x.dtype)).to(dtype or x.dtype)  # ours alone now: scale in place
 
         return scale(dh), scale(dw), scale(db), scale(dref, ctx.ref_dtype), None, None, None, None, None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .logprobs import FusedPairLossFunction, linear_logprobs, pairs_per_chunk
+from .logprobs import FusedPairLossFunction, linear_logprobs, pair_chunks
 from .options import LogprobOptions, compute_dtype
 from .validate import check_haf_args
 
@@ -112,8 +112,8 @@ def fused_haf_loss(
         pair_weights: ``[B]`` non-negative weights; each term is ``Σ wᵢ·lossᵢ / Σ wᵢ`` (0 if all are 0).
         lm_head_bias, logit_scale, softcap, ignore_index, backend: as in ``linear_logprobs``.
         grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
-            outputs detached). ``None``: on when gradients are needed and two sequences' fp32 logits fit
-            the chunk budget; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
+            outputs detached). ``None``: on when gradients are needed and one pair's kept fp32 logits
+            (non-ignored tokens × V) fit ``HAF_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
 
     Plain PyTorch equivalent (materialising logits)::
 
@@ -173,14 +173,17 @@ def fused_haf_loss(
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias, ref_logps)
     )
-    per_chunk = pairs_per_chunk(seq_len, lm_head_weight.shape[0])
-    if grad_in_forward is None:
-        grad_in_forward = _grad_in_forward_default() and per_chunk >= 1 and name != "reference"
-    use_fused = grad_in_forward and need_grad and alpha > 0 and name != "reference"
+    use_fused = need_grad and alpha > 0 and name != "reference"
+    use_fused = use_fused and (_grad_in_forward_default() if grad_in_forward is None else grad_in_forward)
+    chunks = pair_chunks(labels, lm_head_weight.shape[0], ignore_index) if use_fused else None
+    if chunks is None and grad_in_forward is None:
+        use_fused = False  # a single pair's logits exceed the budget: recompute in backward instead
+    elif chunks is None:
+        chunks = [(p, p + 1) for p in range(n_pairs)]  # forced on: one pair at a time, over budget
 
     if use_fused:
         policy, seq_sums = FusedPairLossFunction.apply(
-            hidden, lm_head_weight, lm_head_bias, ref, labels, weighted_policy, opts, name, max(1, per_chunk)
+            hidden, lm_head_weight, lm_head_bias, ref, labels, weighted_policy, opts, name, chunks
         )
         seq_sums = seq_sums.to(dt)
     else:

@@ -56,15 +56,6 @@ def chunk_budget_bytes() -> int:
     return (_env_int("HAF_CHUNK_MB", _DEFAULT_CHUNK_MB) or _DEFAULT_CHUNK_MB) * (1 << 20)
 
 
-def fused_budget_bytes() -> int:
-    """Bytes the whole-loss path may keep as one chunk's fp32 logits (``HAF_FUSED_CHUNK_MB``, default 256).
-
-    That path keeps the logits of whole pairs between its forward GEMM and its two gradient GEMMs
-    (3 GEMMs instead of 4); when not even one pair fits, the loss falls back to recomputation.
-    """
-    return (_env_int("HAF_FUSED_CHUNK_MB", 256) or 256) * (1 << 20)
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64 (for gradcheck), everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,7 +9,13 @@ Every backend module exposes ``NAME``, ``is_available()``, ``why_unavailable()``
 
 ``logp``/``lse`` are fp32 (fp64 for fp64 inputs); gradients come back in their input's dtype. A backend may
 also offer ``forward_keep`` / ``backward_saved`` (keep one chunk's logits between the two, 3 GEMMs instead of
-4), used by the whole-loss path; otherwise the generic fallback below recomputes.
+4), used by the whole-loss path; otherwise the generic fallback in ``logprobs.py`` recomputes::
+
+    forward_keep(hidden, weight, labels, bias, opts) -> (logp, lse, saved)
+    backward_saved(saved, grad_logp, hidden, weight, labels, bias, lse, opts, needs[, dw_acc, db_acc])
+        -> (dhidden in hidden's dtype, dweight and dbias in the accumulation dtype)
+
+When ``backward_saved`` takes ``dw_acc``/``db_acc`` it adds into those buffers in place and returns them.
 
 ``auto`` picks ``triton`` for CUDA tensors, ``cpp`` for CPU tensors when the extension is built, else
 ``torch``; the environment variable ``HAF_KERNELS_BACKEND`` overrides ``auto``.

@@ -153,7 +153,10 @@ def forward_keep(
     """Like ``forward`` but keeps the ``[n, V]`` logits for ``backward_saved`` (caller bounds ``n``)."""
     dt = compute_dtype(hidden.dtype)
     z = _tile_logits(hidden, weight, bias, opts, dt)
-    lse = torch.logsumexp(z, dim=1)
+    lse = torch.empty(z.shape[0], dtype=dt, device=z.device)
+    rows = max(1, (1 << 22) // max(z.shape[1], 1))  # logsumexp's temporary stays ~16 MiB
+    for r0 in range(0, z.shape[0], rows):
+        lse[r0 : r0 + rows] = torch.logsumexp(z[r0 : r0 + rows], dim=1)
     valid = labels != opts.ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp = torch.where(valid, z.gather(1, safe[:, None]).squeeze(1) - lse, torch.zeros_like(lse))
@@ -170,13 +173,22 @@ def backward_saved(
     lse: torch.Tensor,
     opts: LogprobOptions,
     needs: tuple[bool, bool, bool],
+    dw_acc: torch.Tensor | None = None,
+    db_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients from the logits kept by ``forward_keep`` (2 GEMMs, no recompute); dW/db in fp32/fp64."""
+    """Gradients from the logits kept by ``forward_keep`` (2 GEMMs, no recompute); dW/db in fp32/fp64.
+
+    With ``dw_acc`` / ``db_acc`` (accumulation-dtype buffers) the chunk's dW/db are added into them in place
+    and they are returned, so a loop over chunks needs no second ``[V, D]`` buffer.
+    """
     dt = saved.dtype
     g = torch.where(labels != opts.ignore_index, grad_logp.to(dt), torch.zeros((), dtype=dt, device=saved.device))
     dz = _tile_grad_(saved, lse, labels, g, 0, opts)
     need_h, need_w, need_b = needs
     dh = (dz @ weight.to(dt)).to(hidden.dtype) if need_h else None
-    dw = dz.T @ hidden.to(dt) if need_w else None
-    db = dz.sum(dim=0) if (need_b and bias is not None) else None
+    dw = db = None
+    if need_w:
+        dw = dz.T @ hidden.to(dt) if dw_acc is None else dw_acc.addmm_(dz.T, hidden.to(dt))
+    if need_b and bias is not None:
+        db = dz.sum(dim=0) if db_acc is None else db_acc.add_(dz.sum(dim=0))
     return dh, dw, db
