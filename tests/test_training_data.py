@@ -1,0 +1,187 @@
+"""training.data: formats, bad rows (file + row in the error), truncation and label masking; synthetic task."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from training.data import BadRowError, collate_pairs, load_preferences, split_shared_prefix, truncate
+from training.synthetic import SyntheticTask, build_tokenizer, calibrate_temperature
+
+WORDS = [f"w{i:02d}" for i in range(48)] + ["Human:", "Assistant:"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(WORDS)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+EXPLICIT = [
+    {"prompt": "w01 w02", "chosen": "w03 w04", "rejected": "w05", "margin": 0.5, "subset": "a"},
+    {"prompt": "w06", "chosen": "w07", "rejected": "w08 w09 w10", "weight": 2.0, "subset": "b"},
+]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet", "csv"])
+def test_explicit_prompt_file_formats(tmp_path, tok, suffix):
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, EXPLICIT)
+    elif suffix == "json":
+        path.write_text(json.dumps(EXPLICIT))
+    else:
+        df = pd.DataFrame([{**r, "margin": r.get("margin", 0.0), "weight": r.get("weight", 1.0)} for r in EXPLICIT])
+        df.to_parquet(path) if suffix == "parquet" else df.to_csv(path, index=False)
+    ds = load_preferences(path, tok, max_length=16, max_prompt_length=4)
+    assert len(ds) == 2
+    ex = ds[0]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert ex.prompt_ids == [bos] + tok.convert_tokens_to_ids(["w01", "w02"])
+    assert ex.chosen_ids == tok.convert_tokens_to_ids(["w03", "w04"]) + [eos]
+    assert ex.rejected_ids == tok.convert_tokens_to_ids(["w05"]) + [eos]
+    assert ex.subset == "a" and ex.columns["margin"] == 0.5
+    assert ds[1].columns["weight"] == 2.0
+
+
+def test_load_from_disk_folder(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(EXPLICIT).save_to_disk(str(tmp_path / "ds"))
+    ds = load_preferences(tmp_path / "ds", tok, max_length=16, max_prompt_length=4)
+    assert len(ds) == 2 and ds[1].subset == "b"
+
+
+def test_implicit_prompt_hh_style(tmp_path, tok):
+    row = {"chosen": "\n\nHuman: w01 w02\n\nAssistant: w03 w04", "rejected": "\n\nHuman: w01 w02\n\nAssistant: w03 w05"}
+    p, c, r = split_shared_prefix(row["chosen"], row["rejected"])
+    assert p == "\n\nHuman: w01 w02\n\nAssistant:" and c == " w03 w04" and r == " w03 w05"
+    p, c, r = split_shared_prefix("w01 w02 w03", "w01 w02 w04 w05")
+    assert (p, c, r) == ("w01 w02", " w03", " w04 w05")
+    ds = load_preferences(write_jsonl(tmp_path / "hh.jsonl", [row]), tok, max_length=16, max_prompt_length=8)
+    assert tok.convert_ids_to_tokens(ds[0].prompt_ids) == ["[BOS]", "Human:", "w01", "w02", "Assistant:"]
+    assert tok.convert_ids_to_tokens(ds[0].chosen_ids) == ["w03", "w04", "[EOS]"]
+
+
+def test_conversational_chat_template(tmp_path, tok):
+    rows = [
+        {
+            "chosen": [{"role": "user", "content": "w01"}, {"role": "assistant", "content": "w02 w03"}],
+            "rejected": [{"role": "user", "content": "w01"}, {"role": "assistant", "content": "w04"}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "w05"}],
+            "chosen": [{"role": "assistant", "content": "w06"}],
+            "rejected": [{"role": "assistant", "content": "w07"}],
+        },
+    ]
+    ds = load_preferences(write_jsonl(tmp_path / "c.jsonl", rows), tok, max_length=16, max_prompt_length=8)
+    assert tok.convert_ids_to_tokens(ds[0].prompt_ids) == ["[BOS]", "<|user|>", "w01", "<|assistant|>"]
+    assert tok.convert_ids_to_tokens(ds[0].chosen_ids) == ["w02", "w03", "[EOS]"]
+    assert tok.convert_ids_to_tokens(ds[1].rejected_ids) == ["w07", "[EOS]"]
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({"prompt": "w01", "chosen": "w02"}, "missing field 'rejected'"),
+        ({"prompt": "w01", "chosen": "w02", "rejected": "  "}, "empty response"),
+        ({"prompt": "w01", "chosen": "w02", "rejected": "w02"}, "chosen == rejected"),
+        ({"prompt": "w01", "chosen": 3, "rejected": "w02"}, "must be a string"),
+        ("RAW:{not json", "undecodable"),
+        ("RAW:\xff\xfe", "undecodable"),
+    ],
+)
+def test_bad_rows_name_file_and_row(tmp_path, tok, bad, reason):
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps(EXPLICIT[0]).encode(), json.dumps(EXPLICIT[1]).encode()]
+    lines.insert(1, bad[4:].encode("latin-1") if isinstance(bad, str) else json.dumps(bad).encode())
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(BadRowError) as err:
+        load_preferences(path, tok, max_length=16, max_prompt_length=4)
+    msg = str(err.value)
+    assert str(path) in msg and "row 2" in msg and reason in msg, msg
+    ds = load_preferences(path, tok, max_length=16, max_prompt_length=4, skip_bad_rows=True)
+    assert len(ds) == 2 and ds.report.n_bad == 1 and ds.report.n_rows == 3
+    assert "row 2" in ds.report.examples[0] and "1 bad rows skipped" in ds.report.summary()
+
+
+def test_bad_row_csv_row_number(tmp_path, tok):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame(
+        [
+            {"prompt": "w01", "chosen": "w02", "rejected": "w03"},
+            {"prompt": "w01", "chosen": "w02", "rejected": "w03"},
+            {"prompt": "w01", "chosen": "w04", "rejected": "w04"},
+        ]
+    ).to_csv(path, index=False)
+    with pytest.raises(BadRowError, match=r"bad\.csv: row 3: chosen == rejected"):
+        load_preferences(path, tok, max_length=16, max_prompt_length=4)
+
+
+def test_undecodable_csv_row(tmp_path, tok):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nw01,w02,w03\nw01,w02 \xff\xfe,w03\n")
+    with pytest.raises(BadRowError, match=r"bad\.csv: row 2: undecodable text in 'chosen'"):
+        load_preferences(path, tok, max_length=16, max_prompt_length=4)
+    assert len(load_preferences(path, tok, max_length=16, max_prompt_length=4, skip_bad_rows=True)) == 1
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tok):
+    p, r = truncate([1, 2, 3, 4, 5, 6], [10, 11, 12, 13, 14, 15], max_length=8, max_prompt_length=4)
+    assert p == [3, 4, 5, 6] and r == [10, 11, 12, 13]
+    p, r = truncate([1, 2], [10, 11, 12, 13, 14, 15, 16, 17], max_length=8, max_prompt_length=4)
+    assert p == [1, 2] and r == [10, 11, 12, 13, 14, 15]
+    with pytest.raises(ValueError):
+        truncate([1], [2], max_length=4, max_prompt_length=4)
+
+
+def test_labels_mask_prompt_and_padding(tmp_path, tok):
+    rows = [{"prompt": "w01 w02 w03 w04 w05", "chosen": "w10 w11 w12 w13 w14 w15", "rejected": "w20"}]
+    ds = load_preferences(write_jsonl(tmp_path / "t.jsonl", rows), tok, max_length=8, max_prompt_length=3)
+    ex = ds[0]
+    assert tok.convert_ids_to_tokens(ex.prompt_ids) == ["w03", "w04", "w05"]
+    assert tok.convert_ids_to_tokens(ex.chosen_ids) == ["w10", "w11", "w12", "w13", "w14"]
+    b = collate_pairs([ex], pad_token_id=tok.pad_token_id)
+    assert b.input_ids.shape == (2, 8)
+    ids, lab, mask = b.input_ids, b.labels, b.attention_mask
+    # chosen: hidden at the last prompt position predicts the first response token, ..., last position ignored
+    assert lab[0].tolist() == [-100, -100] + ids[0, 3:].tolist() + [-100]
+    # rejected: prompt(3) + w20 + EOS, then padding
+    assert mask[1].tolist() == [1] * 5 + [0] * 3
+    assert lab[1].tolist() == [-100, -100, ids[1, 3].item(), ids[1, 4].item()] + [-100] * 4
+    assert ids[1, 4].item() == tok.eos_token_id and ids[1, 5].item() == tok.pad_token_id
+    for row in range(2):  # every label is the next input token
+        valid = lab[row] != -100
+        assert (lab[row, :-1][valid[:-1]] == ids[row, 1:][valid[:-1]]).all()
+
+
+def test_synthetic_task_deterministic_and_noise_calibrated():
+    task = SyntheticTask(seed=0)
+    a = task.pairs(400, seed=1, noise_rate=0.25)
+    assert a == SyntheticTask(seed=0).pairs(400, seed=1, noise_rate=0.25)
+    assert a != task.pairs(400, seed=2, noise_rate=0.25)
+    flip = sum(r["flipped"] for r in a) / len(a)
+    assert 0.19 < flip < 0.31
+    for r in a:
+        assert (r["true_reward_chosen"] > r["true_reward_rejected"]) != r["flipped"]
+        assert abs(task.true_reward(r["chosen"]) - r["true_reward_chosen"]) < 1e-9
+    clean = task.pairs(200, seed=1)
+    assert not any(r["flipped"] for r in clean)
+    # ambiguous pairs flip more often than clear ones
+    amb = [r["flipped"] for r in a if r["subset"] == "ambiguous"]
+    clear = [r["flipped"] for r in a if r["subset"] == "clear"]
+    assert sum(amb) / len(amb) > sum(clear) / len(clear)
+    shift = task.pairs(100, seed=3, shift=True)
+    assert min(len(r["chosen"].split()) for r in shift) > max(len(r["chosen"].split()) for r in clean)
+    assert all(r["subset"].startswith("shift/") for r in shift)
+    pool = task.unlabelled(5, k=3, seed=4)
+    assert len(pool) == 5 and all(len(r["responses"]) == 3 for r in pool)
+    margins = [abs(r["true_reward_chosen"] - r["true_reward_rejected"]) for r in clean]
+    tau = calibrate_temperature(margins, 0.1)
+    assert tau > 0

@@ -1,0 +1,63 @@
+"""Export: AutoModelForSequenceClassification.from_pretrained(export) gives the trainer's rewards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from test_training_model import tiny_config
+
+from training.cli import score_pairs
+from training.data import collate_pairs, load_preferences
+from training.export import export_pretrained
+from training.model import HafRewardModel, apply_lora
+from training.synthetic import SyntheticTask
+
+
+@pytest.mark.parametrize("arch, lora", [("llama", False), ("gpt2", False), ("qwen2", True)])
+def test_export_reload_gives_same_rewards(tmp_path, arch, lora):
+    task = SyntheticTask(seed=0)
+    tok = task.tokenizer()
+    cfg = tiny_config(arch)
+    cfg.vocab_size = len(tok)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    model = HafRewardModel(transformers.AutoModelForCausalLM.from_config(cfg))
+    if lora:
+        model = apply_lora(model, r=4, alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.3)
+    model.eval()
+    rows = task.pairs(6, seed=5)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_preferences(data, tok, max_length=32, max_prompt_length=8)
+    batch = collate_pairs(list(ds), tok.pad_token_id)
+    assert (batch.attention_mask == 0).any()  # padded rows: the classifier must find the last real token
+    with torch.no_grad():
+        want = model(batch.input_ids, batch.attention_mask).rewards
+
+    out = export_pretrained(model, tok, tmp_path / "export")
+    seq = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert seq.config.num_labels == 1 and seq.config.pad_token_id == tok.pad_token_id
+    with torch.no_grad():
+        got = seq(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(out / "policy").eval()
+    with torch.no_grad():
+        hidden = model(batch.input_ids, batch.attention_mask).hidden
+        lp = model.token_logprobs(hidden, batch.labels)
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    ref = logits.log_softmax(-1).gather(-1, batch.labels.clamp_min(0)[..., None])[..., 0]
+    torch.testing.assert_close(lp, ref.masked_fill(batch.labels == -100, 0.0), rtol=1e-4, atol=1e-4)
+
+    # haf-score on the export: the same rewards and pairwise accuracy
+    res = score_pairs(str(out), str(data), max_length=32, max_prompt_length=8)
+    b = batch.n_pairs
+    assert [r["reward_chosen"] for r in res["rows"]] == pytest.approx(want[:b].tolist(), rel=1e-4, abs=1e-5)
+    assert res["accuracy"] == pytest.approx(float((want[:b] > want[b:]).float().mean()))

@@ -1,0 +1,1 @@
+"""Experiments reproducing the papers' comparisons on the synthetic task (results under ``results/``)."""
