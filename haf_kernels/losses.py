@@ -112,8 +112,9 @@ def fused_haf_loss(
         pair_weights: ``[B]`` non-negative weights; each term is ``Σ wᵢ·lossᵢ / Σ wᵢ`` (0 if all are 0).
         lm_head_bias, logit_scale, softcap, ignore_index, backend: as in ``linear_logprobs``.
         grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
-            outputs detached). ``None``: on when gradients are needed and one pair's kept fp32 logits
-            (non-ignored tokens × V) fit ``HAF_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
+            outputs detached). ``None``: on when gradients are needed, the backend keeps logits natively
+            (``torch``, ``cpp``) and one pair's kept fp32 logits (non-ignored tokens × V) fit
+            ``HAF_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
 
     Plain PyTorch equivalent (materialising logits)::
 
@@ -174,7 +175,13 @@ def fused_haf_loss(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias, ref_logps)
     )
     use_fused = need_grad and alpha > 0 and name != "reference"
-    use_fused = use_fused and (_grad_in_forward_default() if grad_in_forward is None else grad_in_forward)
+    if grad_in_forward is None:
+        # Default only where the backend keeps logits natively (3 GEMMs); otherwise one big recompute pass
+        # over all tokens keeps the device fuller than many pair-sized chunks.
+        keeps = hasattr(backends.get(name), "forward_keep")
+        use_fused = use_fused and keeps and _grad_in_forward_default()
+    else:
+        use_fused = use_fused and grad_in_forward
     chunks = pair_chunks(labels, lm_head_weight.shape[0], ignore_index) if use_fused else None
     if chunks is None and grad_in_forward is None:
         use_fused = False  # a single pair's logits exceed the budget: recompute in backward instead

@@ -1,0 +1,201 @@
+"""Pieces shared by the forward and backward kernels: the logits-tile helper and the tile-size table.
+
+Tile sizes come from a small table keyed by GPU architecture (sm90, sm80, default) and input dtype; the
+interpreter (``TRITON_INTERPRET=1``) gets tiny tiles so CPU tests stay fast and exercise the masks.
+``HAF_AUTOTUNE=1`` lets the forward kernel autotune over a few configs instead (never in the interpreter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """Whether kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_requested() -> bool:
+    """``HAF_AUTOTUNE=1`` and not in the interpreter."""
+    return os.environ.get("HAF_AUTOTUNE") == "1" and not interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 inputs use exact IEEE products (TF32 would cost ~1e-3 relative error).
+
+    ``HAF_TRITON_FP32_DOT=tf32x3`` (near-fp32 accuracy, faster) or ``tf32`` overrides for fp32 inputs.
+    """
+    if dtype == torch.float32:
+        return os.environ.get("HAF_TRITON_FP32_DOT", "ieee")
+    if dtype == torch.float64:
+        return "ieee"
+    return "tf32"  # the default; only meaningful for fp32 operands (fp16/bf16 always use tensor cores)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration.
+
+    ``block_n`` × ``block_v`` is the logits tile (tokens × vocab) of the forward and the backward's
+    dlogits kernel; ``block_d`` the step over the hidden dimension when forming logits. The backward's
+    GEMM kernels reuse ``block_n`` / ``block_v`` as their reduction steps (so gradient-filtering flags line
+    up with dlogits tiles) and ``block_d_out`` as their output tile over D.
+    """
+
+    block_n: int
+    block_v: int
+    block_d: int
+    block_d_out: int
+    num_warps: int
+    num_stages: int
+
+
+# (arch, dtype class) -> Tiles. dtype class: "half" (fp16/bf16), "fp32", "fp64".
+_TABLE: dict[tuple[str, str], Tiles] = {
+    ("sm90", "half"): Tiles(128, 128, 64, 128, 8, 3),
+    ("sm90", "fp32"): Tiles(64, 128, 32, 64, 8, 3),
+    ("sm80", "half"): Tiles(128, 128, 32, 64, 8, 3),
+    ("sm80", "fp32"): Tiles(64, 64, 16, 32, 8, 2),
+    ("default", "half"): Tiles(64, 64, 32, 64, 4, 2),
+    ("default", "fp32"): Tiles(64, 64, 16, 32, 8, 2),
+}
+_FP64 = Tiles(32, 32, 16, 32, 4, 1)
+_INTERPRETER = Tiles(16, 32, 16, 16, 1, 1)
+
+
+def _arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "default"
+    major, _minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "sm90"
+    if major == 8:
+        return "sm80"
+    return "default"
+
+
+def tiles_for(dtype: torch.dtype, device: torch.device) -> Tiles:
+    """Known-good tile sizes for inputs of ``dtype`` on ``device`` (tiny ones in the interpreter).
+
+    ``HAF_TRITON_TILES="BN,BV,BD,BDO,WARPS,STAGES"`` overrides the table (for experiments).
+    """
+    raw = os.environ.get("HAF_TRITON_TILES")
+    if raw:
+        try:
+            vals = [int(x) for x in raw.split(",")]
+            return Tiles(*vals)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"HAF_TRITON_TILES must be 6 integers BN,BV,BD,BDO,WARPS,STAGES, got {raw!r}") from exc
+    if interpreting():
+        return _INTERPRETER
+    if dtype == torch.float64:
+        return _FP64
+    kind = "fp32" if dtype == torch.float32 else "half"
+    return _TABLE[(_arch(device), kind)]
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (1 in the interpreter / on CPU)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def group_rows(n_rows: int, n_cols: int, device: torch.device) -> int:
+    """Rows per group for :func:`_grouped_pid`: about one GPU-full of programs (``SMs // n_cols`` rows).
+
+    Concurrently running programs then share a few row blocks (e.g. token tiles of ``hidden``) and a few
+    column blocks (vocab tiles of ``weight``), which stay in L2, instead of every row block at once.
+    ``HAF_TRITON_GROUP`` overrides (tests use it to exercise the mapping in the interpreter).
+    """
+    raw = os.environ.get("HAF_TRITON_GROUP")
+    if raw:
+        try:
+            return max(1, min(n_rows, int(raw)))
+        except ValueError as exc:
+            raise ValueError(f"HAF_TRITON_GROUP must be a positive integer, got {raw!r}") from exc
+    if device.type != "cuda":
+        return n_rows
+    return max(1, min(n_rows, num_sms(device) // max(1, n_cols)))
+
+
+@triton.jit
+def _grouped_pid(pid, n_rows, n_cols, group):
+    """Map a 1-D program id onto (row, col) of an ``n_rows × n_cols`` grid, ``group`` rows at a time.
+
+    Consecutive ids walk down the rows of one group, then move to the next column; a group covers all
+    columns before the next group of rows starts. ``group = n_rows`` is plain row-fastest order.
+    """
+    per_group = group * n_cols
+    first = (pid // per_group) * group
+    size = tl.minimum(n_rows - first, group)
+    within = pid % per_group
+    return first + within % size, within // size
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp (portable: no libdevice / inline asm): sign(x)·(1 − e^{−2|x|}) / (1 + e^{−2|x|})."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    D,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    logit_scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Logits tile ``z[BLOCK_N, BLOCK_V] = cap(scale·(h[rows]·w[cols]ᵀ + b[cols]))`` accumulated in fp32 (fp64).
+
+    Masked rows/columns read zeros; the caller masks the result.
+    """
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float64 if IS_FP64 else tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_row = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    w_col = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D
+        h = tl.load(h_row + d[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_col + d[:, None] * stride_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
+        acc += b.to(acc.dtype)[None, :]
+    if HAS_SCALE:
+        acc = acc * logit_scale
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
