@@ -292,8 +292,9 @@ def plot(summary: dict[str, Any], methods: list[str], noises: list[float], path:
         lo = min(100 * summary["table"][n][f"{split}@{x}"]["mean"] for n in methods for x in noises)
         ax.set_ylim(max(0, lo - 10), 100)
         ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, ncol=len(methods), loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -307,7 +308,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     ap.add_argument("--noise", default=None, help="comma-separated noise rates (default 0,0.2,0.4; quick: 0.2)")
+    ap.add_argument("--replot", action="store_true", help="only redraw <out>/secrets_rlhf.png from its JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        out = Path(args.out or "training/experiments/results")
+        saved = json.loads((out / "secrets_rlhf.json").read_text())
+        ms, ns = list(saved["meta"]["methods"]), saved["meta"]["noise_rates"]
+        plot(saved["summary"], [m for m in METHODS if m in ms], ns, out / "secrets_rlhf.png")
+        return saved
     sizes = dict(SIZES, **(QUICK if args.quick else {}))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else list(SEEDS))
     noises = [float(n) for n in args.noise.split(",")] if args.noise else ([0.2] if args.quick else list(NOISE_RATES))
@@ -328,7 +336,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
-            units = list(ex.map(run_unit, jobs))
+            units = []
+            for u in ex.map(run_unit, jobs):  # in job order, so the JSON does not depend on timing
+                units.append(u)
+                print(
+                    f"[secrets_rlhf] noise {u['noise']} seed {u['seed']} done in {u['wall_s']:.0f} s "
+                    f"(elapsed {time.time() - t0:.0f} s)",
+                    flush=True,
+                )
     else:
         units = []
         for job in jobs:
