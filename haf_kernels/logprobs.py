@@ -240,9 +240,12 @@ class FusedPairLossFunction(torch.autograd.Function):
         need_ref = ref_logps is not None and ctx.needs_input_grad[3]
         dh = torch.zeros_like(hidden) if needs[0] else None
         dw = db = None  # the first chunk's gradients become the accumulators (no extra [V, D] buffer)
-        dref = torch.zeros(two_b, dtype=dt, device=dev) if need_ref else None
-        seq = torch.zeros(two_b, dtype=dt, device=dev)
-        total = torch.zeros((), dtype=dt, device=dev)
+        # Sequence sums and the O(B) loss in float64: d is a small difference of two large sums (hundreds of
+        # tokens), and its rounding would otherwise dominate the gradients' error.
+        sdt = torch.float64
+        dref = torch.zeros(two_b, dtype=sdt, device=dev) if need_ref else None
+        seq = torch.zeros(two_b, dtype=sdt, device=dev)
+        total = torch.zeros((), dtype=sdt, device=dev)
         for p0, p1 in chunks:
             rows = torch.cat([torch.arange(p0, p1, device=dev), torch.arange(n_pairs + p0, n_pairs + p1, device=dev)])
             y_rows = labels.index_select(0, rows)
@@ -256,13 +259,13 @@ class FusedPairLossFunction(torch.autograd.Function):
             else:
                 logp = lse = torch.zeros(0, dtype=dt, device=dev)
                 saved = None
-            chunk_seq = torch.zeros(rows.shape[0], dtype=dt, device=dev).index_add_(0, seq_of_token, logp)
+            chunk_seq = torch.zeros(rows.shape[0], dtype=sdt, device=dev).index_add_(0, seq_of_token, logp.to(sdt))
             seq[rows] = chunk_seq
             with torch.enable_grad():
                 leaf = chunk_seq.detach().requires_grad_(True)
                 ref = None
                 if ref_logps is not None:
-                    ref = ref_logps.detach().index_select(0, rows).to(dt).requires_grad_(need_ref)
+                    ref = ref_logps.detach().index_select(0, rows).to(sdt).requires_grad_(need_ref)
                 loss = pair_loss(leaf, ref, torch.arange(p0, p1, device=dev))
                 grads = torch.autograd.grad(loss, [leaf] + ([ref] if need_ref else []))
             total += loss.detach()
@@ -270,7 +273,7 @@ class FusedPairLossFunction(torch.autograd.Function):
                 dref[rows] = grads[1]
             if h.shape[0] == 0 or not any(needs):
                 continue
-            g_tok = grads[0].index_select(0, seq_of_token)
+            g_tok = grads[0].index_select(0, seq_of_token).to(dt)
             if accumulates and dw is not None:
                 c_dh, dw, db = backward_saved(saved, g_tok, h, weight, y, bias, lse, opts, needs, dw_acc=dw, db_acc=db)
                 c_dw = c_db = None

@@ -145,7 +145,7 @@ def fused_haf_loss(
     if rewards is None and alpha == 0:
         raise ValueError("alpha must be > 0 when rewards is None (otherwise the loss has no term)")
     dev = hidden.device
-    dt = compute_dtype(hidden.dtype)
+    dt = torch.float64  # the O(B) arithmetic: cheap, and d = (sum_c − sum_r) needs the precision
     two_b, seq_len, dim = hidden.shape
     opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
     name = backends.resolve(backend, dev)
@@ -206,7 +206,7 @@ def fused_haf_loss(
                 softcap=softcap,
                 backend=name,
             )
-            seq_sums = tok.view(two_b, seq_len).sum(dim=1).to(dt)
+            seq_sums = tok.view(two_b, seq_len).to(dt).sum(dim=1)
             policy = weighted_policy(seq_sums, ref, torch.arange(n_pairs, device=dev))
 
     seq_logps = seq_sums / denom
@@ -225,7 +225,7 @@ def fused_haf_loss(
         loss = loss + reward_weight * reward_loss
         reward_acc = (reward_diff > 0).to(dt).mean()
 
-    out_dt = torch.float64 if dt == torch.float64 else torch.float32
+    out_dt = compute_dtype(hidden.dtype)
     cast = lambda x: None if x is None else x.to(out_dt)  # noqa: E731
     return HafLossOutput(
         loss=cast(loss),
