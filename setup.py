@@ -35,7 +35,7 @@ def _extensions():
     ext = CppExtension(
         "haf_kernels._C",
         sources,
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}

@@ -1,0 +1,535 @@
+// haf_kernels._C: fused linear + log-softmax + target pick on CPU, forward and backward.
+//
+//   logits z = cap(scale · (h·Wᵀ + b)),  cap(u) = softcap·tanh(u/softcap) (identity without softcap)
+//   logp[t]  = z[t, y_t] − logsumexp_v z[t, v]        (0 where y_t == ignore_index)
+//   dL/d(h·Wᵀ + b) = g ⊙ (onehot(y) − softmax(z)) ⊙ (1 − (z/softcap)²) · scale
+//
+// Work is split over vocab tiles: OpenMP thread t owns a contiguous run of vocab tiles, so it owns the
+// rows of dW / db it writes (no race, no atomics) and keeps private partial softmax statistics / a private
+// dH partial, merged afterwards in thread order (deterministic for a fixed thread count). Inside a thread,
+// each [token chunk × vocab tile] block of logits is produced by a single-threaded BLAS GEMM (ATen mm_out),
+// transformed row by row while it is cache-resident (row_kernels.cpp), and consumed by the dH / dW GEMMs.
+//
+// Two strategies:
+//   forward / backward            recompute the logits in backward: 4 GEMMs, O(threads · tile) memory
+//   forward_keep / backward_saved keep this chunk's logits (tile-major [N·V] buffer): 3 GEMMs, O(N·V)
+//
+// Notes from measurements (2-core AMD EPYC Zen 4 VM, MKL, shared with other jobs; one chunk of n=512 tokens,
+// V=32000, D=512, fp32): single-threaded MKL on 128-512 × 1000 × 512 blocks runs as fast as one big GEMM.
+// 1 thread (CPU s): H·Wᵀ 0.191, G·W 0.174, Gᵀ·H 0.209 (sum 0.574); forward_keep+backward_saved 0.599
+// (torch backend 0.617); forward alone 0.181 (torch 0.293). 2 threads (wall s): GEMMs 0.291, keep path 0.307
+// (torch 0.356). dW GEMMs with a short inner dimension cost more (hence 512-token blocks on the keep path);
+// first-touch page faults of fresh 64 MiB buffers (~30 ms each) remain: a huge-page hint (madvise) on them did
+// not help consistently (better at 1 thread, worse at 2), so there is none.
+#include <torch/extension.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "row_kernels.h"
+
+namespace haf {
+namespace {
+
+using at::Tensor;
+
+struct Config {
+  int64_t ignore_index;
+  double scale;
+  double softcap;  // <= 0: none
+  int64_t chunk_tokens;
+  int64_t vocab_tile;
+  int64_t partial_bytes = int64_t(64) << 20;  // bound on the per-thread dH partials of backward (all threads)
+};
+
+struct Tiling {
+  int64_t vocab, tile, count;
+  Tiling(int64_t v, int64_t t) : vocab(v), tile(t), count((v + t - 1) / t) {}
+  int64_t begin(int64_t k) const { return k * tile; }
+  int64_t width(int64_t k) const { return std::min(tile, vocab - k * tile); }
+};
+
+int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// Contiguous share [lo, hi) of `count` items for thread `tid` of `nt`.
+std::pair<int64_t, int64_t> share(int64_t count, int64_t nt, int64_t tid) {
+  const int64_t base = count / nt, extra = count % nt;
+  const int64_t lo = tid * base + std::min(tid, extra);
+  return {lo, lo + base + (tid < extra ? 1 : 0)};
+}
+
+// Runs body(tid, nt) on a team of up to `team` OpenMP threads; returns the team size actually used.
+// Exceptions thrown by any thread are rethrown here (never across the OpenMP region boundary).
+template <typename F>
+int64_t run_team(int64_t team, const F& body) {
+  if (team <= 1) {
+    at::NoGradGuard no_grad;
+    body(0, 1);
+    return 1;
+  }
+  std::exception_ptr error = nullptr;
+  std::mutex error_mutex;
+  int64_t used = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(team))
+  {
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (tid == 0) used = nt;
+    try {
+      at::NoGradGuard no_grad;
+      body(tid, nt);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  }
+#else
+  {
+    at::NoGradGuard no_grad;
+    body(0, 1);
+  }
+#endif
+  if (error) std::rethrow_exception(error);
+  return used;
+}
+
+template <typename T>
+Tensor blob(T* ptr, at::IntArrayRef sizes) {
+  return at::from_blob(ptr, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Vocab tile k of W as a [width, D] tensor of T (a view, or a converted copy in `scratch`).
+template <typename T>
+Tensor weight_tile(const Tensor& weight, const Tiling& tl, int64_t k, T* scratch) {
+  const int64_t d = weight.size(1), v0 = tl.begin(k), w = tl.width(k);
+  if (weight.scalar_type() == c10::CppTypeToScalarType<T>::value) {
+    return blob(weight.data_ptr<T>() + v0 * d, {w, d});
+  }
+  Tensor out = blob(scratch, {w, d});
+  out.copy_(weight.narrow(0, v0, w));
+  return out;
+}
+
+// Logits transform of one [rows, cols] tile in place: bias, scale, softcap.
+template <typename T>
+void transform_rows(T* z, int64_t rows, int64_t cols, const T* bias, const Config& cfg) {
+  const bool affine = bias != nullptr || cfg.scale != 1.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* zr = z + r * cols;
+    if (affine) row_affine(zr, cols, bias, static_cast<T>(cfg.scale));
+    if (cfg.softcap > 0) row_softcap(zr, cols, static_cast<T>(cfg.softcap));
+  }
+}
+
+// Forward statistics of one tile (rows r0.., vocab v0..): running (max, sum-exp) and the target logit.
+template <typename T>
+void tile_stats(const T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, const int64_t* labels,
+                const Config& cfg, T* run_max, T* run_sum, T* target) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* zr = z + r * cols;
+    const int64_t t = r0 + r;
+    const T m = row_max(zr, cols);
+    const T s = row_sumexp(zr, cols, m);
+    if (run_max[t] < m) {
+      run_sum[t] = run_sum[t] * std::exp(run_max[t] - m) + s;
+      run_max[t] = m;
+    } else {
+      run_sum[t] += s * std::exp(m - run_max[t]);
+    }
+    const int64_t y = labels[t];
+    if (y != cfg.ignore_index && y >= v0 && y < v0 + cols) target[t] = zr[y - v0];
+  }
+}
+
+// dL/d(raw logits) of one tile in place (z holds transformed logits on entry); db += column sums.
+template <typename T>
+void tile_dlogits(T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, const int64_t* labels,
+                  const T* g, const T* lse, const Config& cfg, T* db) {
+  const T scale = static_cast<T>(cfg.scale);
+  const bool capped = cfg.softcap > 0;
+  const T inv_cap = capped ? static_cast<T>(1.0 / cfg.softcap) : T(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* zr = z + r * cols;
+    const int64_t t = r0 + r;
+    const T gt = g[t];
+    if (gt == T(0)) {
+      std::fill(zr, zr + cols, T(0));
+      continue;
+    }
+    const int64_t y = labels[t];
+    const bool hit = y >= v0 && y < v0 + cols;  // g is already 0 for ignored tokens
+    T chain_y = T(1);
+    if (hit && capped) {
+      const T c = zr[y - v0] * inv_cap;
+      chain_y = T(1) - c * c;
+    }
+    if (capped) {
+      row_dlogits_capped(zr, cols, lse[t], -gt * scale, inv_cap);
+    } else {
+      row_dlogits(zr, cols, lse[t], -gt * scale);
+    }
+    if (hit) zr[y - v0] += gt * scale * chain_y;
+    if (db != nullptr) row_accumulate(db, zr, cols);
+  }
+}
+
+void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& labels,
+                  const std::optional<Tensor>& bias, const Config& cfg) {
+  TORCH_CHECK_VALUE(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(),
+                    "haf_kernels._C: hidden, weight and labels must be CPU tensors");
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "haf_kernels._C: hidden must be [N, D], got ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "haf_kernels._C: weight must be [V, D], got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "haf_kernels._C: weight needs at least one row (V >= 1), got ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(hidden.size(1) == weight.size(1), "haf_kernels._C: hidden [N, D] and weight [V, D] disagree on D: ",
+                    hidden.sizes(), " vs ", weight.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                   "haf_kernels._C: hidden must be float32/float64/bfloat16/float16, got ", dt);
+  TORCH_CHECK_TYPE(weight.scalar_type() == dt, "haf_kernels._C: weight dtype ", weight.scalar_type(),
+                   " must match hidden dtype ", dt);
+  TORCH_CHECK_VALUE(hidden.is_contiguous() && weight.is_contiguous() && labels.is_contiguous(),
+                    "haf_kernels._C: hidden, weight and labels must be contiguous (call .contiguous())");
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "haf_kernels._C: labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == hidden.size(0), "haf_kernels._C: labels must be [N] = [",
+                    hidden.size(0), "], got ", labels.sizes());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->device().is_cpu(), "haf_kernels._C: bias must be a CPU tensor");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "haf_kernels._C: bias must be [V] = [",
+                      weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->is_floating_point(), "haf_kernels._C: bias must be floating point, got ",
+                     bias->scalar_type());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(cfg.scale), "haf_kernels._C: logit_scale must be finite, got ", cfg.scale);
+  TORCH_CHECK_VALUE(cfg.chunk_tokens >= 1 && cfg.vocab_tile >= 1, "haf_kernels._C: tile sizes must be positive, got ",
+                    cfg.chunk_tokens, " x ", cfg.vocab_tile);
+  const int64_t vocab = weight.size(0);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels.size(0); ++i) {
+    TORCH_CHECK_VALUE(y[i] == cfg.ignore_index || (y[i] >= 0 && y[i] < vocab), "haf_kernels._C: labels[", i,
+                      "] = ", y[i], " is outside [0, ", vocab, ") and is not ignore_index=", cfg.ignore_index);
+  }
+}
+
+void check_row_vector(const char* name, const Tensor& t, int64_t n) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "haf_kernels._C: ", name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "haf_kernels._C: ", name, " must be [N] = [", n, "], got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), "haf_kernels._C: ", name, " must be floating point, got ", t.scalar_type());
+}
+
+Config make_config(int64_t ignore_index, double scale, std::optional<double> softcap, int64_t chunk_tokens,
+                   int64_t vocab_tile) {
+  if (softcap.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*softcap) && *softcap > 0,
+                      "haf_kernels._C: softcap must be a positive number, got ", *softcap);
+  }
+  return Config{ignore_index, scale, softcap.value_or(0.0), chunk_tokens, vocab_tile};
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, const Tensor& labels, const Tensor& bias,
+                                        const Config& cfg, T* saved) {
+  const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
+  const auto opt = h.options();
+  const Tiling tl(vocab, std::min(cfg.vocab_tile, vocab));
+  const int64_t tc = std::min(cfg.chunk_tokens, std::max<int64_t>(n, 1));
+  const int64_t team = std::min(max_threads(), tl.count);
+  const bool convert = weight.scalar_type() != h.scalar_type();
+
+  Tensor stats = at::empty({2, team, n}, opt);
+  Tensor target = at::zeros({n}, opt);
+  Tensor scratch = saved == nullptr ? at::empty({team, tc * tl.tile}, opt) : Tensor();
+  Tensor wbuf = convert ? at::empty({team, tl.tile * d}, opt) : Tensor();
+  T* stats_p = stats.data_ptr<T>();
+  T* target_p = target.data_ptr<T>();
+  const T* h_p = h.const_data_ptr<T>();
+  const T* b_p = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  const int64_t* y_p = labels.const_data_ptr<int64_t>();
+
+  const int64_t used = run_team(team, [&](int64_t tid, int64_t nt) {
+    T* run_max = stats_p + tid * n;
+    T* run_sum = stats_p + (team + tid) * n;
+    std::fill(run_max, run_max + n, -std::numeric_limits<T>::infinity());
+    std::fill(run_sum, run_sum + n, T(0));
+    const auto [k0, k1] = share(tl.count, nt, tid);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t v0 = tl.begin(k), cols = tl.width(k);
+      Tensor wt = weight_tile<T>(weight, tl, k, convert ? wbuf.data_ptr<T>() + tid * tl.tile * d : nullptr);
+      for (int64_t r0 = 0; r0 < n; r0 += tc) {
+        const int64_t rows = std::min(tc, n - r0);
+        T* z = saved != nullptr ? saved + n * v0 + r0 * cols : scratch.data_ptr<T>() + tid * tc * tl.tile;
+        Tensor zt = blob(z, {rows, cols});
+        at::mm_out(zt, blob(const_cast<T*>(h_p) + r0 * d, {rows, d}), wt.t());
+        transform_rows(z, rows, cols, b_p == nullptr ? nullptr : b_p + v0, cfg);
+        tile_stats(z, rows, cols, r0, v0, y_p, cfg, run_max, run_sum, target_p);
+      }
+    }
+  });
+
+  Tensor logp = at::empty({n}, opt);
+  Tensor lse = at::empty({n}, opt);
+  T* logp_p = logp.data_ptr<T>();
+  T* lse_p = lse.data_ptr<T>();
+  at::parallel_for(0, n, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      T m = -std::numeric_limits<T>::infinity(), s = T(0);
+      bool nan = false;
+      for (int64_t i = 0; i < used; ++i) {
+        const T mi = stats_p[i * n + t], si = stats_p[(team + i) * n + t];
+        if (std::isnan(mi) || std::isnan(si)) nan = true;
+        if (si == T(0)) continue;  // this thread saw no logits (cannot happen for a used thread; be safe)
+        if (m < mi) {
+          s = s * std::exp(m - mi) + si;
+          m = mi;
+        } else {
+          s += si * std::exp(mi - m);
+        }
+      }
+      const T l = nan ? std::numeric_limits<T>::quiet_NaN() : m + std::log(s);
+      lse_p[t] = l;
+      logp_p[t] = y_p[t] == cfg.ignore_index ? T(0) : target_p[t] - l;
+    }
+  });
+  return {logp, lse};
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tensor& h, const Tensor& weight,
+                                                 const Tensor& labels, const Tensor& bias, const Tensor& lse,
+                                                 const Config& cfg, bool need_h, bool need_w, bool need_b, T* saved) {
+  const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
+  const auto opt = h.options();
+  const Tiling tl(vocab, std::min(cfg.vocab_tile, vocab));
+  const int64_t tc = std::min(cfg.chunk_tokens, std::max<int64_t>(n, 1));
+  const int64_t team = std::min(max_threads(), tl.count);
+  const bool convert = weight.scalar_type() != h.scalar_type();
+  need_b = need_b && bias.defined();
+
+  Tensor dh = need_h ? at::zeros({n, d}, opt) : Tensor();
+  Tensor dw = need_w ? at::empty({vocab, d}, opt) : Tensor();
+  Tensor db = need_b ? at::zeros({vocab}, opt) : Tensor();
+  if (n == 0 || !(need_h || need_w || need_b)) {
+    if (need_w) dw.zero_();
+    return {dh, dw, db};
+  }
+
+  // g with ignored tokens zeroed, and which token chunks have any non-zero gradient at all.
+  Tensor g = at::empty({n}, opt);
+  T* g_p = g.data_ptr<T>();
+  const T* gin_p = g_in.const_data_ptr<T>();
+  const int64_t* y_p = labels.const_data_ptr<int64_t>();
+  const int64_t n_chunks = (n + tc - 1) / tc;
+  std::vector<char> active(n_chunks, 0);
+  for (int64_t t = 0; t < n; ++t) {
+    g_p[t] = y_p[t] == cfg.ignore_index ? T(0) : gin_p[t];
+    if (g_p[t] != T(0)) active[t / tc] = 1;
+  }
+
+  // Token blocks bound the per-thread dH partials (threads 1.. accumulate into private buffers).
+  int64_t block = n;
+  if (need_h && team > 1) {
+    const int64_t per_row = (team - 1) * d * static_cast<int64_t>(sizeof(T));
+    block = std::max<int64_t>(tc, (cfg.partial_bytes / std::max<int64_t>(per_row, 1)) / tc * tc);
+    block = std::min(block, n);
+  }
+  Tensor parts = need_h && team > 1 ? at::empty({team - 1, block, d}, opt) : Tensor();
+  Tensor scratch = saved == nullptr ? at::empty({team, tc * tl.tile}, opt) : Tensor();
+  Tensor wbuf = convert ? at::empty({team, tl.tile * d}, opt) : Tensor();
+  const T* h_p = h.const_data_ptr<T>();
+  const T* b_p = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  const T* lse_p = lse.const_data_ptr<T>();
+  T* dh_p = need_h ? dh.data_ptr<T>() : nullptr;
+  T* dw_p = need_w ? dw.data_ptr<T>() : nullptr;
+  T* db_p = need_b ? db.data_ptr<T>() : nullptr;
+  T* parts_p = parts.defined() ? parts.data_ptr<T>() : nullptr;
+
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t nb = std::min(block, n - b0);
+    const int64_t used = run_team(team, [&](int64_t tid, int64_t nt) {
+      T* dh_acc = nullptr;
+      if (need_h) {
+        dh_acc = tid == 0 ? dh_p + b0 * d : parts_p + (tid - 1) * block * d;
+        if (tid > 0) std::fill(dh_acc, dh_acc + nb * d, T(0));
+      }
+      const auto [k0, k1] = share(tl.count, nt, tid);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t v0 = tl.begin(k), cols = tl.width(k);
+        Tensor dw_tile = need_w ? blob(dw_p + v0 * d, {cols, d}) : Tensor();
+        bool dw_written = b0 > 0;  // the first active chunk of block 0 overwrites dW rows instead of adding
+        Tensor wt = weight_tile<T>(weight, tl, k, convert ? wbuf.data_ptr<T>() + tid * tl.tile * d : nullptr);
+        for (int64_t r0 = b0; r0 < b0 + nb; r0 += tc) {
+          if (!active[r0 / tc]) continue;
+          const int64_t rows = std::min(tc, b0 + nb - r0);
+          Tensor h_rows = blob(const_cast<T*>(h_p) + r0 * d, {rows, d});
+          T* z;
+          if (saved != nullptr) {
+            z = saved + n * v0 + r0 * cols;
+          } else {
+            z = scratch.data_ptr<T>() + tid * tc * tl.tile;
+            Tensor zt = blob(z, {rows, cols});
+            at::mm_out(zt, h_rows, wt.t());
+            transform_rows(z, rows, cols, b_p == nullptr ? nullptr : b_p + v0, cfg);
+          }
+          tile_dlogits(z, rows, cols, r0, v0, y_p, g_p, lse_p, cfg, need_b ? db_p + v0 : nullptr);
+          Tensor dz = blob(z, {rows, cols});
+          if (need_h) blob(dh_acc + (r0 - b0) * d, {rows, d}).addmm_(dz, wt);
+          if (need_w && dw_written) {
+            dw_tile.addmm_(dz.t(), h_rows);
+          } else if (need_w) {
+            at::mm_out(dw_tile, dz.t(), h_rows);
+            dw_written = true;
+          }
+        }
+        if (need_w && !dw_written) dw_tile.zero_();
+      }
+    });
+    if (need_h && used > 1) {
+      T* dst = dh_p + b0 * d;
+      at::parallel_for(0, nb, 64, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = 1; i < used; ++i) {
+          const T* src = parts_p + (i - 1) * block * d;
+          for (int64_t r = lo; r < hi; ++r) row_accumulate(dst + r * d, src + r * d, d);
+        }
+      });
+    }
+  }
+  return {dh, dw, db};
+}
+
+// ---------------------------------------------------------------- typed host launchers
+
+// Inputs in the compute dtype T (float64 stays float64, everything else float32); the weight keeps its dtype
+// and is converted one vocab tile at a time.
+struct Prepared {
+  Tensor h, weight, labels, bias;
+  at::ScalarType compute;
+};
+
+Prepared prepare(const Tensor& hidden, const Tensor& weight, const Tensor& labels, const std::optional<Tensor>& bias,
+                 const Config& cfg) {
+  check_inputs(hidden, weight, labels, bias, cfg);
+  const at::ScalarType ct = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Prepared p;
+  p.compute = ct;
+  p.h = hidden.detach().to(ct).contiguous();
+  p.weight = weight.detach();
+  p.labels = labels.detach();
+  if (bias.has_value() && bias->defined()) p.bias = bias->detach().to(ct).contiguous();
+  return p;
+}
+
+std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, const Tensor& labels,
+                                   const std::optional<Tensor>& bias, int64_t ignore_index, double logit_scale,
+                                   std::optional<double> softcap, int64_t chunk_tokens, int64_t vocab_tile) {
+  const Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
+  Prepared p = prepare(hidden, weight, labels, bias, cfg);
+  if (p.compute == at::kDouble) return forward_impl<double>(p.h, p.weight, p.labels, p.bias, cfg, nullptr);
+  return forward_impl<float>(p.h, p.weight, p.labels, p.bias, cfg, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_keep(const Tensor& hidden, const Tensor& weight, const Tensor& labels,
+                                                const std::optional<Tensor>& bias, int64_t ignore_index,
+                                                double logit_scale, std::optional<double> softcap,
+                                                int64_t chunk_tokens, int64_t vocab_tile) {
+  const Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
+  Prepared p = prepare(hidden, weight, labels, bias, cfg);
+  Tensor saved = at::empty({hidden.size(0) * weight.size(0)}, p.h.options());
+  if (p.compute == at::kDouble) {
+    auto [logp, lse] = forward_impl<double>(p.h, p.weight, p.labels, p.bias, cfg, saved.data_ptr<double>());
+    return {logp, lse, saved};
+  }
+  auto [logp, lse] = forward_impl<float>(p.h, p.weight, p.labels, p.bias, cfg, saved.data_ptr<float>());
+  return {logp, lse, saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_common(const std::optional<Tensor>& saved, const Tensor& grad_logp,
+                                                   const Tensor& hidden, const Tensor& weight, const Tensor& labels,
+                                                   const std::optional<Tensor>& bias, const Tensor& lse,
+                                                   int64_t ignore_index, double logit_scale,
+                                                   std::optional<double> softcap, int64_t chunk_tokens,
+                                                   int64_t vocab_tile, bool need_h, bool need_w, bool need_b,
+                                                   int64_t partial_bytes) {
+  Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
+  TORCH_CHECK_VALUE(partial_bytes >= 1, "haf_kernels._C: partial_bytes must be positive, got ", partial_bytes);
+  cfg.partial_bytes = partial_bytes;
+  Prepared p = prepare(hidden, weight, labels, bias, cfg);
+  const int64_t n = hidden.size(0);
+  check_row_vector("grad_logp", grad_logp, n);
+  check_row_vector("lse", lse, n);
+  Tensor g = grad_logp.detach().to(p.compute).contiguous();
+  Tensor l = lse.detach().to(p.compute).contiguous();
+  Tensor buf;
+  if (saved.has_value() && saved->defined()) {
+    buf = *saved;
+    TORCH_CHECK(buf.scalar_type() == p.compute && buf.is_contiguous() && buf.numel() == n * weight.size(0),
+                "haf_kernels._C: saved must be the buffer forward_keep returned for these inputs ([N*V] ",
+                p.compute, "), got ", buf.sizes(), " ", buf.scalar_type());
+  }
+  if (p.compute == at::kDouble) {
+    return backward_impl<double>(g, p.h, p.weight, p.labels, p.bias, l, cfg, need_h, need_w, need_b,
+                                 buf.defined() ? buf.data_ptr<double>() : nullptr);
+  }
+  return backward_impl<float>(g, p.h, p.weight, p.labels, p.bias, l, cfg, need_h, need_w, need_b,
+                              buf.defined() ? buf.data_ptr<float>() : nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_logp, const Tensor& hidden, const Tensor& weight,
+                                            const Tensor& labels, const std::optional<Tensor>& bias, const Tensor& lse,
+                                            int64_t ignore_index, double logit_scale, std::optional<double> softcap,
+                                            int64_t chunk_tokens, int64_t vocab_tile, bool need_h, bool need_w,
+                                            bool need_b, int64_t partial_bytes) {
+  return backward_common(std::nullopt, grad_logp, hidden, weight, labels, bias, lse, ignore_index, logit_scale,
+                         softcap, chunk_tokens, vocab_tile, need_h, need_w, need_b, partial_bytes);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_saved(const Tensor& saved, const Tensor& grad_logp, const Tensor& hidden,
+                                                  const Tensor& weight, const Tensor& labels,
+                                                  const std::optional<Tensor>& bias, const Tensor& lse,
+                                                  int64_t ignore_index, double logit_scale,
+                                                  std::optional<double> softcap, int64_t chunk_tokens,
+                                                  int64_t vocab_tile, bool need_h, bool need_w, bool need_b) {
+  TORCH_CHECK(saved.defined(), "haf_kernels._C: saved must be the tensor returned by forward_keep");
+  return backward_common(saved, grad_logp, hidden, weight, labels, bias, lse, ignore_index, logit_scale, softcap,
+                         chunk_tokens, vocab_tile, need_h, need_w, need_b, int64_t(64) << 20);
+}
+
+}  // namespace
+}  // namespace haf
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "haf_kernels C++ CPU backend: fused linear + log-softmax + target pick (OpenMP, ATen GEMMs)";
+  namespace py = pybind11;
+  m.def("forward", &haf::forward, "logp[N], lse[N] (recompute strategy: keeps nothing)", py::arg("hidden"),
+        py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"), py::arg("logit_scale"),
+        py::arg("softcap"), py::arg("chunk_tokens"), py::arg("vocab_tile"));
+  m.def("forward_keep", &haf::forward_keep, "logp[N], lse[N], saved[N*V] (logits kept tile-major for backward_saved)",
+        py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"),
+        py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"), py::arg("vocab_tile"));
+  m.def("backward", &haf::backward, "dh[N,D], dw[V,D], db[V] in the compute dtype; recomputes the logits",
+        py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
+        py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
+        py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"),
+        py::arg("partial_bytes") = int64_t(64) << 20);
+  m.def("backward_saved", &haf::backward_saved,
+        "dh, dw, db from the logits kept by forward_keep (consumed: overwritten with dL/dlogits)", py::arg("saved"),
+        py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
+        py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
+        py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"));
+  m.def("num_threads", []() { return haf::max_threads(); }, "threads the kernels will use (at::get_num_threads)");
+}

@@ -1,0 +1,187 @@
+"""C++ CPU backend: ``haf_kernels._C`` (``csrc/``), OpenMP over vocab tiles, ATen GEMMs, fused row passes.
+
+Each ``[chunk_tokens × vocab_tile]`` block of logits is made by a single-threaded BLAS GEMM inside one
+OpenMP thread, turned into softmax statistics (forward) or ``dz = g ⊙ (onehot(y) − softmax) ⊙ chain`` (backward)
+in one vectorised pass while it is still in cache, and consumed by the ``dH`` / ``dW`` GEMMs. A thread owns
+whole vocab tiles, hence its rows of ``dW`` / ``db``; ``dH`` partials are summed in thread order afterwards, so
+results are deterministic for a fixed thread count (``torch.set_num_threads``).
+
+Two strategies, as in ``torch_chunked``: ``forward`` / ``backward`` recompute the logits (4 GEMMs, memory
+O(threads · tile)); ``forward_keep`` / ``backward_saved`` keep one chunk's logits (3 GEMMs, O(chunk · V)).
+
+Plain PyTorch equivalent (what ``backends/reference.py`` computes)::
+
+    z = (hidden @ weight.T + bias) * logit_scale; z = softcap * tanh(z / softcap)
+    logp = z.log_softmax(-1).gather(-1, labels[:, None])[:, 0]      # 0 where labels == ignore_index
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..options import LogprobOptions, compute_dtype
+
+NAME = "cpp"
+
+# Measured defaults (2-core AMD EPYC Zen 4, AVX-512, MKL; see the module notes in csrc/linear_logprobs.cpp):
+# recompute blocks of 128 tokens × ~1000 vocab (0.5 MiB fp32, L2-resident between the GEMM that makes a block
+# and the two that consume it); the keep-logits path does better with 512-token blocks (fewer, larger dW GEMMs).
+DEFAULT_CHUNK_TOKENS = 128
+DEFAULT_CHUNK_TOKENS_KEEP = 512
+DEFAULT_VOCAB_TILE = 1024
+
+try:
+    from .. import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # not built, or built against another torch: fall back to the torch backend
+    _C = None
+    _IMPORT_ERROR = f"haf_kernels._C could not be imported ({type(exc).__name__}: {exc}); build it with " + (
+        "`pip install --no-build-isolation -e .` (HAF_REQUIRE_CPP=1 turns a failed build into an error)"
+    )
+    warnings.warn(
+        f"{_IMPORT_ERROR}. backend='auto' uses the pure-PyTorch backend on CPU.", RuntimeWarning, stacklevel=2
+    )
+
+
+def is_available() -> bool:
+    return _C is not None
+
+
+def why_unavailable() -> str:
+    return _IMPORT_ERROR or ""
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"environment variable {name} must be positive, got {value}")
+    return value
+
+
+def tiles(vocab: int, opts: LogprobOptions, keep: bool = False) -> tuple[int, int]:
+    """``(chunk_tokens, vocab_tile)``: ``opts`` / ``HAF_CHUNK_TOKENS`` / ``HAF_CHUNK_VOCAB`` if set, else defaults.
+
+    The default vocab tile splits ``vocab`` into equal tiles of at most ``DEFAULT_VOCAB_TILE`` (a multiple of
+    16), so threads get balanced work. Depends only on ``vocab`` and ``opts`` (``forward_keep`` and
+    ``backward_saved`` must agree on it).
+    """
+    default_t = DEFAULT_CHUNK_TOKENS_KEEP if keep else DEFAULT_CHUNK_TOKENS
+    chunk_t = opts.chunk_tokens or _env_int("HAF_CHUNK_TOKENS") or default_t
+    chunk_v = opts.chunk_vocab or _env_int("HAF_CHUNK_VOCAB")
+    if chunk_v is None:
+        n_tiles = -(-vocab // DEFAULT_VOCAB_TILE)
+        chunk_v = -(-vocab // n_tiles)
+        chunk_v = min(vocab, -(-chunk_v // 16) * 16)
+    return max(1, chunk_t), max(1, min(chunk_v, vocab))
+
+
+def _args(hidden, weight, labels, bias, opts, keep=False):
+    if _C is None:
+        raise RuntimeError(f"backend 'cpp' is not available: {_IMPORT_ERROR}")
+    chunk_t, chunk_v = tiles(weight.shape[0], opts, keep)
+    return (
+        hidden.contiguous(),
+        weight.contiguous(),
+        labels.contiguous().long(),
+        None if bias is None else bias.contiguous(),
+        int(opts.ignore_index),
+        float(opts.logit_scale),
+        None if opts.softcap is None else float(opts.softcap),
+        chunk_t,
+        chunk_v,
+    )
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogprobOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [N], lse [N] (fp32; fp64 for fp64 inputs); ``logp`` is 0 where ``labels == ignore_index``.
+
+    Args: hidden ``[N, D]`` (fp32/bf16/fp16/fp64), weight ``[V, D]`` (same dtype), labels ``[N]`` int64,
+    bias ``[V]`` or None. Nothing ``[N, V]``-sized is allocated.
+    """
+    return _C.forward(*_args(hidden, weight, labels, bias, opts))
+
+
+def backward(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    opts: LogprobOptions,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dhidden, dweight, dbias) in the inputs' dtypes (None where ``needs`` says False); recomputes logits."""
+    need_h, need_w, need_b = (bool(x) for x in needs)
+    dt = compute_dtype(hidden.dtype)
+    args = _args(hidden, weight, labels, bias, opts)
+    dh, dw, db = _C.backward(
+        grad_logp.contiguous().to(dt),
+        *args[:4],
+        lse.contiguous().to(dt),
+        *args[4:],
+        need_h,
+        need_w,
+        need_b and bias is not None,
+        (_env_int("HAF_CPP_PARTIAL_KB") or 65536) << 10,  # bound on per-thread dH partials
+    )
+    return (
+        None if dh is None else dh.to(hidden.dtype),
+        None if dw is None else dw.to(weight.dtype),
+        None if (db is None or bias is None) else db.to(bias.dtype),
+    )
+
+
+def forward_keep(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogprobOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like ``forward`` but also returns the logits (fp32/fp64, ``[N·V]`` tile-major) for ``backward_saved``."""
+    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True))
+
+
+def backward_saved(
+    saved: torch.Tensor,
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    opts: LogprobOptions,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients from the logits kept by ``forward_keep`` (2 GEMMs, no recompute; ``saved`` is overwritten).
+
+    Returns dhidden in the hidden dtype, dweight / dbias in the accumulation dtype (fp32, fp64 for fp64).
+    """
+    need_h, need_w, need_b = (bool(x) for x in needs)
+    dt = compute_dtype(hidden.dtype)
+    args = _args(hidden, weight, labels, bias, opts, keep=True)
+    dh, dw, db = _C.backward_saved(
+        saved,
+        grad_logp.contiguous().to(dt),
+        *args[:4],
+        lse.contiguous().to(dt),
+        *args[4:],
+        need_h,
+        need_w,
+        need_b and bias is not None,
+    )
+    return (None if dh is None else dh.to(hidden.dtype), dw, None if bias is None else db)
