@@ -312,7 +312,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tensor& h, const Tensor& weight,
                                                  const Tensor& labels, const Tensor& bias, const Tensor& lse,
-                                                 const Config& cfg, bool need_h, bool need_w, bool need_b, T* saved) {
+                                                 const Config& cfg, bool need_h, bool need_w, bool need_b, T* saved,
+                                                 const Tensor& dw_acc, const Tensor& db_acc) {
   const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
   const auto opt = h.options();
   const Tiling tl(vocab, std::min(cfg.vocab_tile, vocab));
@@ -322,10 +323,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
   need_b = need_b && bias.defined();
 
   Tensor dh = need_h ? at::zeros({n, d}, opt) : Tensor();
-  Tensor dw = need_w ? at::empty({vocab, d}, opt) : Tensor();
-  Tensor db = need_b ? at::zeros({vocab}, opt) : Tensor();
+  // With dw_acc / db_acc (contiguous, compute dtype) the gradients are added into those buffers instead.
+  const bool accumulate = need_w && dw_acc.defined();
+  Tensor dw = need_w ? (accumulate ? dw_acc : at::empty({vocab, d}, opt)) : Tensor();
+  Tensor db = need_b ? (db_acc.defined() ? db_acc : at::zeros({vocab}, opt)) : Tensor();
   if (n == 0 || !(need_h || need_w || need_b)) {
-    if (need_w) dw.zero_();
+    if (need_w && !accumulate) dw.zero_();
     return {dh, dw, db};
   }
 
@@ -371,7 +374,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t v0 = tl.begin(k), cols = tl.width(k);
         Tensor dw_tile = need_w ? blob(dw_p + v0 * d, {cols, d}) : Tensor();
-        bool dw_written = b0 > 0;  // the first active chunk of block 0 overwrites dW rows instead of adding
+        bool dw_written = accumulate || b0 > 0;  // else block 0's first active chunk overwrites its dW rows
         Tensor wt = weight_tile<T>(weight, tl, k, convert ? wbuf.data_ptr<T>() + tid * tl.tile * d : nullptr);
         for (int64_t r0 = b0; r0 < b0 + nb; r0 += tc) {
           if (!active[r0 / tc]) continue;
@@ -464,7 +467,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_common(const std::optional<Tensor>& 
                                                    int64_t ignore_index, double logit_scale,
                                                    std::optional<double> softcap, int64_t chunk_tokens,
                                                    int64_t vocab_tile, bool need_h, bool need_w, bool need_b,
-                                                   int64_t partial_bytes) {
+                                                   int64_t partial_bytes,
+                                                   const std::optional<Tensor>& dw_acc_in = std::nullopt,
+                                                   const std::optional<Tensor>& db_acc_in = std::nullopt) {
   Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
   TORCH_CHECK_VALUE(partial_bytes >= 1, "haf_kernels._C: partial_bytes must be positive, got ", partial_bytes);
   cfg.partial_bytes = partial_bytes;
@@ -481,12 +486,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_common(const std::optional<Tensor>& 
                 "haf_kernels._C: saved must be the buffer forward_keep returned for these inputs ([N*V] ",
                 p.compute, "), got ", buf.sizes(), " ", buf.scalar_type());
   }
+  auto check_acc = [&](const char* name, const std::optional<Tensor>& acc, std::vector<int64_t> shape) {
+    if (!acc.has_value() || !acc->defined()) return Tensor();
+    TORCH_CHECK_VALUE(acc->scalar_type() == p.compute && acc->is_contiguous() && acc->sizes() == shape, "haf_kernels._C: ",
+                      name, " must be a contiguous ", p.compute, " tensor of shape ", at::IntArrayRef(shape), ", got ",
+                      acc->sizes(), " ", acc->scalar_type());
+    return *acc;
+  };
+  Tensor dw_acc = check_acc("dw_acc", dw_acc_in, {weight.size(0), weight.size(1)});
+  Tensor db_acc = check_acc("db_acc", db_acc_in, {weight.size(0)});
   if (p.compute == at::kDouble) {
     return backward_impl<double>(g, p.h, p.weight, p.labels, p.bias, l, cfg, need_h, need_w, need_b,
-                                 buf.defined() ? buf.data_ptr<double>() : nullptr);
+                                 buf.defined() ? buf.data_ptr<double>() : nullptr, dw_acc, db_acc);
   }
   return backward_impl<float>(g, p.h, p.weight, p.labels, p.bias, l, cfg, need_h, need_w, need_b,
-                              buf.defined() ? buf.data_ptr<float>() : nullptr);
+                              buf.defined() ? buf.data_ptr<float>() : nullptr, dw_acc, db_acc);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_logp, const Tensor& hidden, const Tensor& weight,
@@ -503,10 +517,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_saved(const Tensor& saved, const Ten
                                                   const std::optional<Tensor>& bias, const Tensor& lse,
                                                   int64_t ignore_index, double logit_scale,
                                                   std::optional<double> softcap, int64_t chunk_tokens,
-                                                  int64_t vocab_tile, bool need_h, bool need_w, bool need_b) {
+                                                  int64_t vocab_tile, bool need_h, bool need_w, bool need_b,
+                                                  const std::optional<Tensor>& dw_acc,
+                                                  const std::optional<Tensor>& db_acc) {
   TORCH_CHECK(saved.defined(), "haf_kernels._C: saved must be the tensor returned by forward_keep");
   return backward_common(saved, grad_logp, hidden, weight, labels, bias, lse, ignore_index, logit_scale, softcap,
-                         chunk_tokens, vocab_tile, need_h, need_w, need_b, int64_t(64) << 20);
+                         chunk_tokens, vocab_tile, need_h, need_w, need_b, int64_t(64) << 20, dw_acc, db_acc);
 }
 
 }  // namespace
@@ -530,6 +546,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dh, dw, db from the logits kept by forward_keep (consumed: overwritten with dL/dlogits)", py::arg("saved"),
         py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
         py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
-        py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"));
+        py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"),
+        py::arg("dw_acc") = py::none(), py::arg("db_acc") = py::none());
   m.def("num_threads", []() { return haf::max_threads(); }, "threads the kernels will use (at::get_num_threads)");
 }

@@ -187,3 +187,22 @@ def test_available_reports_every_backend():
     assert avail["torch"] and avail["reference"]
     for name, why in backends.unavailable_reasons().items():
         assert not avail[name] and why
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if hasattr(backends.get(b), "forward_keep")])
+def test_backward_saved_accumulates_into_buffers(backend):
+    """backward_saved(..., dw_acc, db_acc) adds into the given buffers: acc + fresh == accumulated, same object."""
+    mod = backends.get(backend)
+    n, d, v = 41, 12, 77
+    hidden, weight, labels, b = make_inputs(n, d, v, torch.float32, bias=True)
+    g, opts, needs = torch.randn(n), LogprobOptions(), (True, True, True)
+    _, lse, saved = mod.forward_keep(hidden, weight, labels, b, opts)
+    dh, dw, db = mod.backward_saved(saved, g, hidden, weight, labels, b, lse, opts, needs)
+    start_w, start_b = torch.randn(v, d), torch.randn(v)
+    acc_w, acc_b = start_w.clone(), start_b.clone()
+    _, lse, saved = mod.forward_keep(hidden, weight, labels, b, opts)
+    dh2, dw2, db2 = mod.backward_saved(
+        saved, g, hidden, weight, labels, b, lse, opts, needs, dw_acc=acc_w, db_acc=acc_b
+    )
+    assert dw2 is acc_w and db2 is acc_b
+    assert rel_err(dw2 - start_w, dw) < 1e-5 and rel_err(db2 - start_b, db) < 1e-5 and rel_err(dh2, dh) < 1e-6

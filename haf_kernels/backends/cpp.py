@@ -166,10 +166,13 @@ def backward_saved(
     lse: torch.Tensor,
     opts: LogprobOptions,
     needs: tuple[bool, bool, bool],
+    dw_acc: torch.Tensor | None = None,
+    db_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients from the logits kept by ``forward_keep`` (2 GEMMs, no recompute; ``saved`` is overwritten).
 
     Returns dhidden in the hidden dtype, dweight / dbias in the accumulation dtype (fp32, fp64 for fp64).
+    With ``dw_acc`` / ``db_acc`` (contiguous accumulation-dtype buffers) they are added into and returned.
     """
     need_h, need_w, need_b = (bool(x) for x in needs)
     dt = compute_dtype(hidden.dtype)
@@ -183,5 +186,7 @@ def backward_saved(
         need_h,
         need_w,
         need_b and bias is not None,
+        dw_acc=dw_acc if need_w else None,
+        db_acc=db_acc if (need_b and bias is not None) else None,
     )
     return (None if dh is None else dh.to(hidden.dtype), dw, None if bias is None else db)
