@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import backends
-from .options import LogprobOptions, chunk_budget_bytes, compute_dtype
+from .options import LogprobOptions, chunk_budget_bytes, compute_dtype, keep_max_bytes
 from .validate import check_labels, check_logprob_args
 
 
@@ -187,19 +187,21 @@ def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
 def pair_chunks(labels: torch.Tensor, vocab: int, ignore_index: int) -> list[tuple[int, int]] | None:
     """Split the B pairs into runs ``[p0, p1)`` whose kept fp32 logits fit ``HAF_CHUNK_MB``.
 
-    Only non-ignored tokens are kept, so a pair costs ``(valid_c + valid_r)·V·4`` bytes. Returns ``None``
-    when a single pair does not fit (the caller then recomputes in backward instead).
+    Only non-ignored tokens are kept, so a pair costs ``(valid_c + valid_r)·V·4`` bytes. A single pair may
+    exceed ``HAF_CHUNK_MB`` (it is the least the 3-GEMM path can keep) up to ``HAF_KEEP_MAX_MB`` (default
+    512); returns ``None`` when one does not fit even that (the caller then recomputes in backward instead).
     """
     n_pairs = labels.shape[0] // 2
     counts = (labels != ignore_index).sum(dim=1).tolist()
     budget_tokens = chunk_budget_bytes() // (4 * max(vocab, 1))
+    cap_tokens = keep_max_bytes() // (4 * max(vocab, 1))
     chunks: list[tuple[int, int]] = []
     start, used = 0, 0
     for i in range(n_pairs):
         cost = counts[i] + counts[n_pairs + i]
-        if cost > budget_tokens:
+        if cost > cap_tokens:
             return None
-        if used + cost > budget_tokens:
+        if used > 0 and used + cost > budget_tokens:
             chunks.append((start, i))
             start, used = i, 0
         used += cost

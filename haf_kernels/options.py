@@ -56,6 +56,11 @@ def chunk_budget_bytes() -> int:
     return (_env_int("HAF_CHUNK_MB", _DEFAULT_CHUNK_MB) or _DEFAULT_CHUNK_MB) * (1 << 20)
 
 
+def keep_max_bytes() -> int:
+    """Most bytes of fp32 logits the whole-loss path keeps for one pair (``HAF_KEEP_MAX_MB``, default 512)."""
+    return (_env_int("HAF_KEEP_MAX_MB", 512) or 512) * (1 << 20)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64 (for gradcheck), everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -206,3 +206,17 @@ def test_backward_saved_accumulates_into_buffers(backend):
     )
     assert dw2 is acc_w and db2 is acc_b
     assert rel_err(dw2 - start_w, dw) < 1e-5 and rel_err(db2 - start_b, db) < 1e-5 and rel_err(dh2, dh) < 1e-6
+
+
+def test_pair_chunks_budget(monkeypatch):
+    from haf_kernels.logprobs import pair_chunks
+
+    labels = torch.zeros(6, 10, dtype=torch.long)  # 3 pairs of 20 kept tokens each
+    labels[2, 5:] = -100  # pair 2 keeps 15
+    monkeypatch.setenv("HAF_CHUNK_MB", "1")
+    vocab = (1 << 20) // (4 * 40)  # 40 tokens fill the budget
+    assert pair_chunks(labels, vocab, -100) == [(0, 2), (2, 3)]
+    vocab = (1 << 20) // (4 * 10)  # one pair (20 tokens) exceeds the budget but not the cap: one pair a chunk
+    assert pair_chunks(labels, vocab, -100) == [(0, 1), (1, 2), (2, 3)]
+    monkeypatch.setenv("HAF_KEEP_MAX_MB", "1")
+    assert pair_chunks(labels, vocab, -100) is None  # over the cap: recompute instead
