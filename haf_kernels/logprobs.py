@@ -119,10 +119,21 @@ def linear_logprobs(
     opts = LogprobOptions(
         ignore_index, float(logit_scale), None if softcap is None else float(softcap), chunk_tokens, chunk_vocab
     )
-    name = backends.resolve(backend, hidden.device)
-    if name == "reference":
+    return token_logprobs(hidden, weight, labels, bias, opts, backends.resolve(backend, hidden.device))
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogprobOptions,
+    backend: str,
+) -> torch.Tensor:
+    """``linear_logprobs`` on arguments already checked and a backend already resolved (no re-validation)."""
+    if backend == "reference":
         return backends.get("reference").linear_logprobs(hidden, weight, labels, bias, opts)
-    return LinearLogprobsFunction.apply(hidden, weight, bias, labels, opts, name)
+    return LinearLogprobsFunction.apply(hidden, weight, bias, labels, opts, backend)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .logprobs import FusedPairLossFunction, linear_logprobs, pair_chunks
+from .logprobs import FusedPairLossFunction, pair_chunks, token_logprobs
 from .options import LogprobOptions, compute_dtype
 from .validate import check_haf_args
 
@@ -196,15 +196,14 @@ def fused_haf_loss(
     else:
         ctx = torch.enable_grad() if alpha > 0 else torch.no_grad()
         with ctx:
-            tok = linear_logprobs(
+            # check_haf_args already validated these (labels included): no second check or device sync
+            tok = token_logprobs(
                 hidden.reshape(two_b * seq_len, dim),
                 lm_head_weight,
                 labels.reshape(two_b * seq_len),
-                bias=lm_head_bias,
-                ignore_index=ignore_index,
-                logit_scale=logit_scale,
-                softcap=softcap,
-                backend=name,
+                lm_head_bias,
+                opts,
+                name,
             )
             seq_sums = tok.view(two_b, seq_len).to(dt).sum(dim=1)
             policy = weighted_policy(seq_sums, ref, torch.arange(n_pairs, device=dev))
