@@ -138,6 +138,38 @@ def linear_logprobs_bwd_dlogits_kernel(
 
 
 @triton.jit
+def _dh_tile_step(
+    acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION: tl.constexpr
+):
+    """``acc += dz[rows, k] · W[v_start + k, dd]`` for one K tile of the dH GEMM."""
+    a = tl.load(a_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(
+        w_ptr + (v_start + k).to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
+        mask=k_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    return tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dw_tile_step(
+    acc, dz_ptr, h_ptr, tok, t_ok, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd, DOT_PRECISION: tl.constexpr
+):
+    """``acc += dz[tok, local]ᵀ · H[tok, dd]`` for one token tile of the dW GEMM."""
+    a = tl.load(
+        dz_ptr + tok.to(tl.int64)[None, :] * chunk + local[:, None],
+        mask=v_ok[:, None] & t_ok[None, :],
+        other=0.0,
+    )
+    h = tl.load(
+        h_ptr + tok.to(tl.int64)[:, None] * stride_hn + dd[None, :] * stride_hd,
+        mask=t_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    return tl.dot(a, h, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def linear_logprobs_bwd_dh_kernel(
     dz_ptr,  # [N, C] dlogits of the chunk (contiguous, row stride C)
     w_ptr,  # [V, D] weight (strided)
@@ -181,21 +213,13 @@ def linear_logprobs_bwd_dh_kernel(
         if FILTER:
             keep = tl.load(flag_ptr + pid_n * n_flag_cols + kt) != 0
             if keep:
-                a = tl.load(a_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(
-                    w_ptr + (v_start + k).to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
-                    mask=k_ok[:, None] & d_ok[None, :],
-                    other=0.0,
+                acc = _dh_tile_step(
+                    acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
                 )
-                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         else:
-            a = tl.load(a_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(
-                w_ptr + (v_start + k).to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
-                mask=k_ok[:, None] & d_ok[None, :],
-                other=0.0,
+            acc = _dh_tile_step(
+                acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
             )
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     if FINAL:
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -237,29 +261,13 @@ def linear_logprobs_bwd_dw_kernel(
         if FILTER:
             keep = tl.load(flag_ptr + kt * n_flag_cols + pid_v) != 0
             if keep:
-                a = tl.load(
-                    dz_ptr + tok.to(tl.int64)[None, :] * chunk + local[:, None],
-                    mask=v_ok[:, None] & t_ok[None, :],
-                    other=0.0,
+                acc = _dw_tile_step(
+                    acc, dz_ptr, h_ptr, tok, t_ok, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd, DOT_PRECISION
                 )
-                h = tl.load(
-                    h_ptr + tok.to(tl.int64)[:, None] * stride_hn + dd[None, :] * stride_hd,
-                    mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                acc = tl.dot(a, h, acc, input_precision=DOT_PRECISION)
         else:
-            a = tl.load(
-                dz_ptr + tok.to(tl.int64)[None, :] * chunk + local[:, None],
-                mask=v_ok[:, None] & t_ok[None, :],
-                other=0.0,
+            acc = _dw_tile_step(
+                acc, dz_ptr, h_ptr, tok, t_ok, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd, DOT_PRECISION
             )
-            h = tl.load(
-                h_ptr + tok.to(tl.int64)[:, None] * stride_hn + dd[None, :] * stride_hd,
-                mask=t_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, h, acc, input_precision=DOT_PRECISION)
     out_off = (v_start + local).to(tl.int64)[:, None] * D + dd[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=v_ok[:, None] & d_ok[None, :])
 
