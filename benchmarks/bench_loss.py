@@ -354,13 +354,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     def step():
         hidden.grad = weight.grad = rewards.grad = None
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        return bu.timed_call(fn, cuda)
 
     t_first = None
     for i in range(spec["warmup"]):

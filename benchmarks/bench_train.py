@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -145,13 +144,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         rss_built = bu.rss_bytes()
 
         def timed():
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = step()
-            if cuda:
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0, loss
+            return bu.timed_call(step, cuda)
 
         first_loss = None
         for i in range(spec["warmup"]):

@@ -187,6 +187,19 @@ def run_worker(script: str, spec: dict[str, Any], timeout: float, env: dict[str,
     return {"status": status, "reason": f"exit {proc.returncode}: " + " | ".join(tail)[-800:]}
 
 
+def timed_call(fn: Any, cuda: bool) -> tuple[float, Any]:
+    """``(seconds, fn())``, with the device synchronised before and after on CUDA."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
 def emit(result: dict[str, Any]) -> None:
     """Worker side: print the one ``RESULT`` line the parent parses."""
     sys.stdout.write(RESULT_TAG + json.dumps(result) + "\n")
