@@ -35,6 +35,7 @@ def _extensions():
     ext = CppExtension(
         "haf_kernels._C",
         sources,
+        depends=sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.inc"))),
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

@@ -402,7 +402,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         res["loss"] = float(out.detach().float().item())
         ref_path = spec.get("ref_path")
         if ref_path and os.path.exists(ref_path):
-            ref = torch.load(ref_path, map_location="cpu")
+            ref = torch.load(ref_path, map_location="cpu", weights_only=True)
             res["err"] = {
                 "loss": abs(res["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30),
                 "hidden": rel_err(hidden.grad.detach().cpu(), ref["dh"]),

@@ -132,14 +132,17 @@ void transform_rows(T* z, int64_t rows, int64_t cols, const T* bias, const Confi
 }
 
 // Forward statistics of one tile (rows r0.., vocab v0..): running (max, sum-exp) and the target logit.
+// The statistics are float64 whatever T is (see row_sumexp: a peaked row's small terms must not be rounded
+// against its largest one).
 template <typename T>
 void tile_stats(const T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, const int64_t* labels,
-                const Config& cfg, T* run_max, T* run_sum, T* target) {
+                const Config& cfg, double* run_max, double* run_sum, T* target) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* zr = z + r * cols;
     const int64_t t = r0 + r;
-    const T m = row_max(zr, cols);
-    const T s = row_sumexp(zr, cols, m);
+    const T mt = row_max(zr, cols);
+    const double s = row_sumexp(zr, cols, mt);
+    const double m = mt;
     if (run_max[t] < m) {
       run_sum[t] = run_sum[t] * std::exp(run_max[t] - m) + s;
       run_max[t] = m;
@@ -151,10 +154,17 @@ void tile_stats(const T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, 
   }
 }
 
+// lse (float64) as hi + lo in T: hi = lse rounded to T, lo = the rest (0 for T = double).
+template <typename T>
+std::pair<T, T> lse_split(double lse) {
+  const T hi = static_cast<T>(lse);
+  return {hi, static_cast<T>(lse - static_cast<double>(hi))};
+}
+
 // dL/d(raw logits) of one tile in place (z holds transformed logits on entry); db += column sums.
 template <typename T>
 void tile_dlogits(T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, const int64_t* labels,
-                  const T* g, const T* lse, const Config& cfg, T* db) {
+                  const T* g, const double* lse, const Config& cfg, T* db) {
   const T scale = static_cast<T>(cfg.scale);
   const bool capped = cfg.softcap > 0;
   const T inv_cap = capped ? static_cast<T>(1.0 / cfg.softcap) : T(0);
@@ -173,10 +183,11 @@ void tile_dlogits(T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, cons
       const T c = zr[y - v0] * inv_cap;
       chain_y = T(1) - c * c;
     }
+    const auto [hi, lo] = lse_split<T>(lse[t]);
     if (capped) {
-      row_dlogits_capped(zr, cols, lse[t], -gt * scale, inv_cap);
+      row_dlogits_capped(zr, cols, hi, lo, -gt * scale, inv_cap);
     } else {
-      row_dlogits(zr, cols, lse[t], -gt * scale);
+      row_dlogits(zr, cols, hi, lo, -gt * scale);
     }
     if (hit) zr[y - v0] += gt * scale * chain_y;
     if (db != nullptr) row_accumulate(db, zr, cols);
@@ -250,21 +261,21 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
   const int64_t team = std::min(max_threads(), tl.count);
   const bool convert = weight.scalar_type() != h.scalar_type();
 
-  Tensor stats = at::empty({2, team, n}, opt);
+  Tensor stats = at::empty({2, team, n}, opt.dtype(at::kDouble));
   Tensor target = at::zeros({n}, opt);
   Tensor scratch = saved == nullptr ? at::empty({team, tc * tl.tile}, opt) : Tensor();
   Tensor wbuf = convert ? at::empty({team, tl.tile * d}, opt) : Tensor();
-  T* stats_p = stats.data_ptr<T>();
+  double* stats_p = stats.data_ptr<double>();
   T* target_p = target.data_ptr<T>();
   const T* h_p = h.const_data_ptr<T>();
   const T* b_p = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   const int64_t* y_p = labels.const_data_ptr<int64_t>();
 
   const int64_t used = run_team(team, [&](int64_t tid, int64_t nt) {
-    T* run_max = stats_p + tid * n;
-    T* run_sum = stats_p + (team + tid) * n;
-    std::fill(run_max, run_max + n, -std::numeric_limits<T>::infinity());
-    std::fill(run_sum, run_sum + n, T(0));
+    double* run_max = stats_p + tid * n;
+    double* run_sum = stats_p + (team + tid) * n;
+    std::fill(run_max, run_max + n, -std::numeric_limits<double>::infinity());
+    std::fill(run_sum, run_sum + n, 0.0);
     const auto [k0, k1] = share(tl.count, nt, tid);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t v0 = tl.begin(k), cols = tl.width(k);
@@ -280,18 +291,20 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
     }
   });
 
+  // lse in float64: hi + lo of the backward's row_dlogits (one fp32 rounding of a large lse would cost the
+  // target's 1 − p of a peaked row most of its accuracy); logp = target − lse rounded once.
   Tensor logp = at::empty({n}, opt);
-  Tensor lse = at::empty({n}, opt);
+  Tensor lse = at::empty({n}, opt.dtype(at::kDouble));
   T* logp_p = logp.data_ptr<T>();
-  T* lse_p = lse.data_ptr<T>();
+  double* lse_p = lse.data_ptr<double>();
   at::parallel_for(0, n, 1024, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
-      T m = -std::numeric_limits<T>::infinity(), s = T(0);
+      double m = -std::numeric_limits<double>::infinity(), s = 0.0;
       bool nan = false;
       for (int64_t i = 0; i < used; ++i) {
-        const T mi = stats_p[i * n + t], si = stats_p[(team + i) * n + t];
+        const double mi = stats_p[i * n + t], si = stats_p[(team + i) * n + t];
         if (std::isnan(mi) || std::isnan(si)) nan = true;
-        if (si == T(0)) continue;  // this thread saw no logits (cannot happen for a used thread; be safe)
+        if (si == 0.0) continue;  // this thread saw no logits (cannot happen for a used thread; be safe)
         if (m < mi) {
           s = s * std::exp(m - mi) + si;
           m = mi;
@@ -299,9 +312,9 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
           s += si * std::exp(mi - m);
         }
       }
-      const T l = nan ? std::numeric_limits<T>::quiet_NaN() : m + std::log(s);
+      const double l = nan ? std::numeric_limits<double>::quiet_NaN() : m + std::log(s);
       lse_p[t] = l;
-      logp_p[t] = y_p[t] == cfg.ignore_index ? T(0) : target_p[t] - l;
+      logp_p[t] = y_p[t] == cfg.ignore_index ? T(0) : static_cast<T>(static_cast<double>(target_p[t]) - l);
     }
   });
   return {logp, lse};
@@ -356,7 +369,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
   Tensor wbuf = convert ? at::empty({team, tl.tile * d}, opt) : Tensor();
   const T* h_p = h.const_data_ptr<T>();
   const T* b_p = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-  const T* lse_p = lse.const_data_ptr<T>();
+  const double* lse_p = lse.const_data_ptr<double>();
   T* dh_p = need_h ? dh.data_ptr<T>() : nullptr;
   T* dw_p = need_w ? dw.data_ptr<T>() : nullptr;
   T* db_p = need_b ? db.data_ptr<T>() : nullptr;
@@ -478,7 +491,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_common(const std::optional<Tensor>& 
   check_row_vector("grad_logp", grad_logp, n);
   check_row_vector("lse", lse, n);
   Tensor g = grad_logp.detach().to(p.compute).contiguous();
-  Tensor l = lse.detach().to(p.compute).contiguous();
+  Tensor l = lse.detach().to(at::kDouble).contiguous();
   Tensor buf;
   if (saved.has_value() && saved->defined()) {
     buf = *saved;
@@ -548,5 +561,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
         py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"),
         py::arg("dw_acc") = py::none(), py::arg("db_acc") = py::none());
+  m.def("isa", &haf::isa_active, "instruction set of the float row kernels in use (x86-64-v4, x86-64-v3, default)");
+  m.def("isa_supported", &haf::isa_supported, "instruction sets this CPU and build can run, best first");
+  m.def("set_isa", &haf::set_isa, "force the float row kernels' instruction set ('auto' = best supported)",
+        py::arg("name"));
   m.def("num_threads", []() { return haf::max_threads(); }, "threads the kernels will use (at::get_num_threads)");
 }

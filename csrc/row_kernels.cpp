@@ -1,96 +1,132 @@
 // Row kernels of the fused log-prob passes (see row_kernels.h).
 //
-// The float exp is the classic range reduction x = k·ln2 + r (|r| <= ln2/2) with a degree-6 polynomial
-// for e^r (about 1 ulp), written without branches or libm calls so that `omp simd` loops vectorise.
+// The float kernels (row_kernels_simd.inc) are compiled three times on x86-64 with GCC — for x86-64-v4
+// (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline — and one table of them is picked at first use from
+// what the CPU supports. `set_isa` forces a table, so tests can run every path that some machine would pick
+// (their results differ in the last bits: FMA contraction and SIMD width change the rounding).
 #include "row_kernels.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define HAF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HAF_MULTI_ISA 1
 #else
-#define HAF_CLONES
+#define HAF_MULTI_ISA 0
 #endif
 
 namespace haf {
+
+struct RowTable {
+  const char* name;
+  void (*affine)(float*, int64_t, const float*, float);
+  void (*softcap)(float*, int64_t, float);
+  float (*max)(const float*, int64_t);
+  double (*sumexp)(const float*, int64_t, float);
+  void (*dlogits)(float*, int64_t, float, float, float);
+  void (*dlogits_capped)(float*, int64_t, float, float, float, float);
+  void (*accumulate)(float*, const float*, int64_t);
+};
+
+#define HAF_ROW_TABLE(ns, label) \
+  RowTable { label, ns::row_affine, ns::row_softcap, ns::row_max, ns::row_sumexp, ns::row_dlogits, \
+             ns::row_dlogits_capped, ns::row_accumulate }
+
+#if HAF_MULTI_ISA
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace isa_v4 {
+#include "row_kernels_simd.inc"
+}  // namespace isa_v4
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace isa_v3 {
+#include "row_kernels_simd.inc"
+}  // namespace isa_v3
+#pragma GCC pop_options
+#endif
+
+namespace isa_base {
+#include "row_kernels_simd.inc"
+}  // namespace isa_base
+
 namespace {
 
-inline float exp_f32(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // round(x / ln2) with the 1.5·2^23 trick (no rounding instruction needed on baseline x86-64)
-  const float magic = 12582912.0f;
-  const float t = x * 1.44269504088896341f + magic;
-  const float k = t - magic;
-  float r = x - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+const RowTable kBase = HAF_ROW_TABLE(isa_base, "default");
+#if HAF_MULTI_ISA
+const RowTable kV3 = HAF_ROW_TABLE(isa_v3, "x86-64-v3");
+const RowTable kV4 = HAF_ROW_TABLE(isa_v4, "x86-64-v4");
+#endif
+
+const RowTable* best_table() {
+#if HAF_MULTI_ISA
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return &kV4;
+  if (__builtin_cpu_supports("x86-64-v3")) return &kV3;
+#endif
+  return &kBase;
 }
 
-// tanh(x) = 1 − 2 / (e^{2x} + 1): exact limits ±1, absolute error ~1e-7 near 0 (enough for logits).
-inline float tanh_f32(float x) { return 1.0f - 2.0f / (exp_f32(2.0f * x) + 1.0f); }
+std::atomic<const RowTable*> g_table{nullptr};
+
+const RowTable& table() {
+  const RowTable* t = g_table.load(std::memory_order_acquire);
+  if (t == nullptr) {
+    t = best_table();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
 
 }  // namespace
 
-HAF_CLONES void row_affine(float* z, int64_t n, const float* bias, float scale) {
-  if (bias != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) z[j] = (z[j] + bias[j]) * scale;
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) z[j] = z[j] * scale;
+std::vector<std::string> isa_supported() {
+  std::vector<std::string> out;
+#if HAF_MULTI_ISA
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) out.emplace_back(kV4.name);
+  if (__builtin_cpu_supports("x86-64-v3")) out.emplace_back(kV3.name);
+#endif
+  out.emplace_back(kBase.name);
+  return out;
+}
+
+std::string isa_active() { return table().name; }
+
+void set_isa(const std::string& name) {
+  if (name == "auto") {
+    g_table.store(best_table(), std::memory_order_release);
+    return;
   }
-}
-
-HAF_CLONES void row_softcap(float* z, int64_t n, float cap) {
-  const float inv = 1.0f / cap;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) z[j] = cap * tanh_f32(z[j] * inv);
-}
-
-// NaN logits are not tracked here: they reach row_sumexp and turn the row's lse into NaN there.
-HAF_CLONES float row_max(const float* z, int64_t n) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
-  return m;
-}
-
-HAF_CLONES float row_sumexp(const float* z, int64_t n, float m) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += exp_f32(z[j] - m);
-  return s;
-}
-
-HAF_CLONES void row_dlogits(float* z, int64_t n, float lse, float coef) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) z[j] = coef * exp_f32(z[j] - lse);
-}
-
-HAF_CLONES void row_dlogits_capped(float* z, int64_t n, float lse, float coef, float inv_cap) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float t = z[j] * inv_cap;
-    z[j] = coef * exp_f32(z[j] - lse) * (1.0f - t * t);
+  const RowTable* pick = nullptr;
+  if (name == kBase.name) pick = &kBase;
+#if HAF_MULTI_ISA
+  __builtin_cpu_init();
+  if (name == kV3.name && __builtin_cpu_supports("x86-64-v3")) pick = &kV3;
+  if (name == kV4.name && __builtin_cpu_supports("x86-64-v4")) pick = &kV4;
+#endif
+  if (pick == nullptr) {
+    std::string known = "auto";
+    for (const auto& s : isa_supported()) known += ", " + s;
+    throw std::invalid_argument("haf_kernels._C: instruction set '" + name + "' is not available on this CPU/build (" +
+                                "choose one of: " + known + ")");
   }
+  g_table.store(pick, std::memory_order_release);
 }
 
-HAF_CLONES void row_accumulate(float* acc, const float* z, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) acc[j] += z[j];
+void row_affine(float* z, int64_t n, const float* bias, float scale) { table().affine(z, n, bias, scale); }
+void row_softcap(float* z, int64_t n, float cap) { table().softcap(z, n, cap); }
+float row_max(const float* z, int64_t n) { return table().max(z, n); }
+double row_sumexp(const float* z, int64_t n, float m) { return table().sumexp(z, n, m); }
+void row_dlogits(float* z, int64_t n, float hi, float lo, float coef) { table().dlogits(z, n, hi, lo, coef); }
+void row_dlogits_capped(float* z, int64_t n, float hi, float lo, float coef, float inv_cap) {
+  table().dlogits_capped(z, n, hi, lo, coef, inv_cap);
 }
+void row_accumulate(float* acc, const float* z, int64_t n) { table().accumulate(acc, z, n); }
 
 // ---- float64: plain libm (gradcheck precision) ----
 
@@ -117,14 +153,14 @@ double row_sumexp(const double* z, int64_t n, double m) {
   return s;
 }
 
-void row_dlogits(double* z, int64_t n, double lse, double coef) {
-  for (int64_t j = 0; j < n; ++j) z[j] = coef * std::exp(z[j] - lse);
+void row_dlogits(double* z, int64_t n, double hi, double lo, double coef) {
+  for (int64_t j = 0; j < n; ++j) z[j] = coef * std::exp((z[j] - hi) - lo);
 }
 
-void row_dlogits_capped(double* z, int64_t n, double lse, double coef, double inv_cap) {
+void row_dlogits_capped(double* z, int64_t n, double hi, double lo, double coef, double inv_cap) {
   for (int64_t j = 0; j < n; ++j) {
     const double t = z[j] * inv_cap;
-    z[j] = coef * std::exp(z[j] - lse) * (1.0 - t * t);
+    z[j] = coef * std::exp((z[j] - hi) - lo) * (1.0 - t * t);
   }
 }
 

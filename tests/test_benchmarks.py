@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_loss  # noqa: E402
+from conftest import torch_err_bound  # noqa: E402
 
 FP32_TOL = 1e-5  # DESIGN.md §4: ‖out − ref‖/‖ref‖ < 1e-5 in fp32
 
@@ -55,6 +57,7 @@ def test_bench_loss_tiny(tmp_path: Path) -> None:
             else:
                 assert r["reason"], (name, r)
         assert by_name["haf-torch"]["status"] == "ok"  # the portable backend always runs
+        naive = by_name["naive"]["err"]  # plain fp32 PyTorch on the same inputs, in the same run
         for name, r in by_name.items():
             if name == "floor" or r["status"] != "ok":
                 continue
@@ -62,11 +65,12 @@ def test_bench_loss_tiny(tmp_path: Path) -> None:
             for key in ("loss", "hidden", "weight"):
                 assert err[key] == err[key], (name, key)  # not NaN
                 if name.startswith("haf-"):
+                    bound = torch_err_bound(naive[key], torch.float32)
+                    assert err[key] <= bound, (name, key, err[key], "naive", naive[key])
                     assert err[key] < FP32_TOL, (name, key, err[key])
 
 
 def test_make_inputs_deterministic_and_peaky() -> None:
-    torch = pytest.importorskip("torch")
     shape = (2, 8, 16, 64)
     a = bench_loss.make_inputs(shape, "peaky", torch.float32, "cpu")
     b = bench_loss.make_inputs(shape, "peaky", torch.float32, "cpu")

@@ -51,6 +51,46 @@ def is_available() -> bool:
     return _C is not None
 
 
+def isa() -> str:
+    """Instruction set of the float row kernels in use: ``x86-64-v4`` (AVX-512), ``x86-64-v3`` (AVX2) or ``default``."""
+    _apply_isa_env()
+    return _C.isa()
+
+
+def isa_supported() -> list[str]:
+    """Instruction sets this CPU and build can run, best first (``default`` always last)."""
+    return list(_C.isa_supported())
+
+
+def set_isa(name: str) -> None:
+    """Force the float row kernels' instruction set (``"auto"``: the best this CPU supports).
+
+    Every path computes the same function; the last bits differ (SIMD width, FMA contraction). Tests use this
+    to cover the paths other CPUs pick; ``HAF_CPP_ISA`` sets it for a whole process.
+    """
+    global _isa_env_applied
+    if _C is None:
+        raise RuntimeError(f"backend 'cpp' is not available: {_IMPORT_ERROR}")
+    _C.set_isa(str(name))
+    _isa_env_applied = True
+
+
+_isa_env_applied = False
+
+
+def _apply_isa_env() -> None:
+    """Apply ``HAF_CPP_ISA`` once, on first use (no work at import time)."""
+    global _isa_env_applied
+    if not _isa_env_applied:
+        _isa_env_applied = True
+        name = os.environ.get("HAF_CPP_ISA")
+        if name:
+            try:
+                _C.set_isa(name)
+            except ValueError as exc:
+                raise ValueError(f"environment variable HAF_CPP_ISA: {exc}") from None
+
+
 def why_unavailable() -> str:
     return _IMPORT_ERROR or ""
 
@@ -85,6 +125,7 @@ def tiles(vocab: int, opts: LogprobOptions, keep: bool = False) -> tuple[int, in
 def _args(hidden, weight, labels, bias, opts, keep=False):
     if _C is None:
         raise RuntimeError(f"backend 'cpp' is not available: {_IMPORT_ERROR}")
+    _apply_isa_env()
     chunk_t, chunk_v = tiles(weight.shape[0], opts, keep)
     return (
         hidden.contiguous(),
@@ -106,7 +147,7 @@ def forward(
     bias: torch.Tensor | None,
     opts: LogprobOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logp [N], lse [N] (fp32; fp64 for fp64 inputs); ``logp`` is 0 where ``labels == ignore_index``.
+    """logp [N] (fp32; fp64 for fp64 inputs), lse [N] (fp64); ``logp`` is 0 where ``labels == ignore_index``.
 
     Args: hidden ``[N, D]`` (fp32/bf16/fp16/fp64), weight ``[V, D]`` (same dtype), labels ``[N]`` int64,
     bias ``[V]`` or None. Nothing ``[N, V]``-sized is allocated.
@@ -131,7 +172,7 @@ def backward(
     dh, dw, db = _C.backward(
         grad_logp.contiguous().to(dt),
         *args[:4],
-        lse.contiguous().to(dt),
+        lse.contiguous().to(torch.float64),
         *args[4:],
         need_h,
         need_w,
@@ -181,7 +222,7 @@ def backward_saved(
         saved,
         grad_logp.contiguous().to(dt),
         *args[:4],
-        lse.contiguous().to(dt),
+        lse.contiguous().to(torch.float64),
         *args[4:],
         need_h,
         need_w,

@@ -41,17 +41,30 @@ def _tile_logits(
     return z
 
 
+def lse_split(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lse`` (float64) as ``hi + lo`` in ``dtype``: ``hi`` rounded to ``dtype``, ``lo`` the rest.
+
+    ``exp((z − hi) − lo)`` keeps the relative accuracy of the softmax where it matters: ``z − hi`` is exact for
+    the large logits, so the target of a peaked row, whose gradient is ``1 − p`` with ``p`` close to 1, is not
+    swamped by one fp32 rounding of ``lse`` (for ``lse ≈ 20`` that rounding alone is 1e-6 absolute).
+    """
+    hi = lse.to(dtype)
+    return hi, (lse - hi.to(torch.float64)).to(dtype)
+
+
 def _tile_grad_(
     z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, v0: int, opts: LogprobOptions
 ) -> torch.Tensor:
     """Turn a tile of logits ``z`` into ``dL/d(raw logits)`` in place.
 
     ``dL/dz = g ⊙ (onehot(y) − exp(z − lse))``; with softcap, ``z = c·tanh(u/c)`` so ``dz/du = 1 − (z/c)²``;
-    then the ``logit_scale`` factor.
+    then the ``logit_scale`` factor. ``lse`` is float64 and enters as ``hi + lo`` in ``z``'s dtype (see
+    ``lse_split``).
     """
     if opts.softcap is not None:
         chain = 1.0 - (z / opts.softcap) ** 2
-    z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    hi, lo = lse_split(lse, z.dtype)
+    z.sub_(hi[:, None]).sub_(lo[:, None]).exp_().mul_(-g[:, None])
     local = labels - v0
     hit = (local >= 0) & (local < z.shape[1])
     idx = local.clamp(0, z.shape[1] - 1).long()[:, None]
@@ -70,24 +83,31 @@ def forward(
     bias: torch.Tensor | None,
     opts: LogprobOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logp [N], lse [N] (fp32; fp64 for fp64 inputs). ``logp`` is 0 where ``labels == ignore_index``."""
+    """logp [N] (fp32; fp64 for fp64 inputs), lse [N] (fp64). ``logp`` is 0 where ``labels == ignore_index``.
+
+    The running (max, sum-exp) across vocab chunks is kept in float64: a peaked row's small chunk sums must not
+    be rounded against its large one.
+    """
     n, vocab = hidden.shape[0], weight.shape[0]
     dt = compute_dtype(hidden.dtype)
+    f64 = torch.float64
     logp = torch.zeros(n, dtype=dt, device=hidden.device)
-    lse = torch.zeros(n, dtype=dt, device=hidden.device)
+    lse = torch.zeros(n, dtype=f64, device=hidden.device)
     chunk_t, chunk_v = opts.tile(n, vocab)
     for t0 in range(0, n, chunk_t):
         t1 = min(t0 + chunk_t, n)
         h = hidden[t0:t1]
         y = labels[t0:t1]
-        run_max = torch.full((t1 - t0,), float("-inf"), dtype=dt, device=hidden.device)
-        run_sum = torch.zeros(t1 - t0, dtype=dt, device=hidden.device)
+        run_max = torch.full((t1 - t0,), float("-inf"), dtype=f64, device=hidden.device)
+        run_sum = torch.zeros(t1 - t0, dtype=f64, device=hidden.device)
         target = torch.zeros(t1 - t0, dtype=dt, device=hidden.device)
         for v0 in range(0, vocab, chunk_v):
             v1 = min(v0 + chunk_v, vocab)
             z = _tile_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], opts, dt)
-            new_max = torch.maximum(run_max, z.max(dim=1).values)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            tile_max = z.max(dim=1).values
+            tile_sum = torch.exp(z - tile_max[:, None]).sum(dim=1).to(f64)
+            new_max = torch.maximum(run_max, tile_max.to(f64))
+            run_sum = run_sum * torch.exp(run_max - new_max) + tile_sum * torch.exp(tile_max.to(f64) - new_max)
             run_max = new_max
             local = y - v0
             hit = (local >= 0) & (local < v1 - v0)
@@ -96,7 +116,7 @@ def forward(
         chunk_lse = run_max + torch.log(run_sum)
         lse[t0:t1] = chunk_lse
         valid = y != opts.ignore_index
-        logp[t0:t1] = torch.where(valid, target - chunk_lse, torch.zeros_like(target))
+        logp[t0:t1] = torch.where(valid, target.to(f64) - chunk_lse, torch.zeros_like(chunk_lse)).to(dt)
     return logp, lse
 
 
@@ -153,13 +173,17 @@ def forward_keep(
     """Like ``forward`` but keeps the ``[n, V]`` logits for ``backward_saved`` (caller bounds ``n``)."""
     dt = compute_dtype(hidden.dtype)
     z = _tile_logits(hidden, weight, bias, opts, dt)
-    lse = torch.empty(z.shape[0], dtype=dt, device=z.device)
-    rows = max(1, (1 << 22) // max(z.shape[1], 1))  # logsumexp's temporary stays ~16 MiB
+    lse = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
+    rows = max(1, (1 << 22) // max(z.shape[1], 1))  # the exp temporary stays ~16 MiB
     for r0 in range(0, z.shape[0], rows):
-        lse[r0 : r0 + rows] = torch.logsumexp(z[r0 : r0 + rows], dim=1)
+        zr = z[r0 : r0 + rows]
+        m = zr.max(dim=1).values
+        s = torch.exp(zr - m[:, None]).sum(dim=1)
+        lse[r0 : r0 + rows] = m.to(torch.float64) + s.to(torch.float64).log()
     valid = labels != opts.ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = torch.where(valid, z.gather(1, safe[:, None]).squeeze(1) - lse, torch.zeros_like(lse))
+    picked = z.gather(1, safe[:, None]).squeeze(1).to(torch.float64)
+    logp = torch.where(valid, picked - lse, torch.zeros_like(lse)).to(dt)
     return logp, lse, z
 
 
