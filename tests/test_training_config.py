@@ -1,4 +1,5 @@
-"""training.config: defaults < config file < flags; typed coercion; unknown keys rejected."""
+"""training.config: defaults < config file < flags; typed coercion; unknown keys rejected; ``validate`` checks
+every value before any work and reports all problems at once, one line per key."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from training.config import TrainConfig, build_config, parse_overrides
+from training.config import ConfigError, TrainConfig, build_config, parse_overrides
 
 
 def test_precedence_and_types(tmp_path):
@@ -40,7 +41,7 @@ def test_precedence_and_types(tmp_path):
 def test_errors():
     with pytest.raises(SystemExit, match="unknown option --nope"):
         parse_overrides(["--nope", "1"])
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ValueError, match="nope: unknown config key"):
         TrainConfig.from_dict({"nope": 1})
     with pytest.raises(ValueError, match="policy_loss"):
         build_config(["--policy_loss", "bogus"])
@@ -56,3 +57,55 @@ def test_bundled_configs_parse():
     assert lora.reference_mode == "lora" and lora.lora_r == 64 and lora.lr == 1e-5
     demo = build_config([str(root / "demo.yaml")])
     assert demo.model_config["hidden_size"] == 64 and demo.max_steps == 250
+
+
+def test_all_problems_reported_at_once_one_line_per_key():
+    with pytest.raises(ConfigError) as err:
+        build_config(
+            ["--lr", "-0.003", "--max_steps", "-5", "--beta", "abc", "--policy_loss", "kto", "--batch_size", "30"],
+            need_data=True,
+        )
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid config (6 problems):"
+    keys = [line.strip().split(":")[0] for line in lines[1:]]
+    assert sorted(keys) == ["batch_size", "beta", "lr", "max_steps", "policy_loss", "train_data"]
+    assert "  lr: must be > 0.0, got -0.003" in lines and "  max_steps: must be >= 0, got -5" in lines
+    assert "  beta: expected a number, got 'abc'" in lines
+    assert err.value.problems == [line.strip() for line in lines[1:]]
+
+
+def test_validate_checks_python_api_values_too():
+    with pytest.raises(ConfigError, match=r"^lr: expected a number, got 'fast' \(str\)$"):
+        TrainConfig(lr="fast").validate()
+    with pytest.raises(ConfigError, match=r"^max_steps: expected an integer, got 1.5 \(float\)$"):
+        TrainConfig(max_steps=1.5).validate()
+    with pytest.raises(ConfigError, match=r"^log_every: must be >= 1, got 0$"):
+        TrainConfig(log_every=0).validate()
+    assert TrainConfig(max_steps=12, warmup_steps=20).validate().warnings()[0].startswith("warmup_steps (20)")
+    assert TrainConfig().validate() == TrainConfig()  # defaults are valid (no data needed)
+
+
+def test_resume_values(tmp_path):
+    assert build_config(["--resume", "auto"]).resume == "auto"
+    assert build_config(["--resume", "--run_dir", str(tmp_path), "--resume=false"]).resume is False
+    with pytest.raises(ConfigError, match=r'^resume: expected true, false or "auto", got \'maybe\'$'):
+        build_config(["--resume", "maybe"])
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert build_config(["--resume", "--run_dir", str(tmp_path)]).resume is True
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nbeta: [0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML at line 3, column 1"):
+        build_config([str(bad)])
+    js = tmp_path / "bad.json"
+    js.write_text('{"lr": 0.1,}')
+    with pytest.raises(ConfigError, match=r"bad\.json: invalid JSON at line 1, column 12"):
+        build_config(["--config", str(js)])
+    with pytest.raises(ConfigError, match=r"config: no such file: .*missing\.yaml"):
+        build_config([str(tmp_path / "missing.yaml")])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("eval_data:\nlr: 1e-4\n")  # an empty value is "", YAML's 1e-4 is a string: both coerced
+    cfg = build_config([str(empty)])
+    assert cfg.eval_data == "" and cfg.lr == 1e-4

@@ -44,8 +44,10 @@ def test_explicit_prompt_file_formats(tmp_path, tok, suffix):
     ex = ds[0]
     bos, eos = tok.bos_token_id, tok.eos_token_id
     assert ex.prompt_ids == [bos] + tok.convert_tokens_to_ids(["w01", "w02"])
-    assert ex.chosen_ids == tok.convert_tokens_to_ids(["w03", "w04"]) + [eos]
-    assert ex.rejected_ids == tok.convert_tokens_to_ids(["w05"]) + [eos]
+    # the contract ids of "w01 w02 w03 w04" (one text); EOS is a policy target after the last token, not an input
+    assert ex.chosen_ids == tok.convert_tokens_to_ids(["w03", "w04"])
+    assert ex.rejected_ids == tok.convert_tokens_to_ids(["w05"])
+    assert ex.end_labels == (eos, eos) and ex.source_row == 1
     assert ex.subset == "a" and ex.columns["margin"] == 0.5
     assert ds[1].columns["weight"] == 2.0
 
@@ -65,7 +67,8 @@ def test_implicit_prompt_hh_style(tmp_path, tok):
     assert (p, c, r) == ("w01 w02", " w03", " w04 w05")
     ds = load_preferences(write_jsonl(tmp_path / "hh.jsonl", [row]), tok, max_length=16, max_prompt_length=8)
     assert tok.convert_ids_to_tokens(ds[0].prompt_ids) == ["[BOS]", "Human:", "w01", "w02", "Assistant:"]
-    assert tok.convert_ids_to_tokens(ds[0].chosen_ids) == ["w03", "w04", "[EOS]"]
+    assert tok.convert_ids_to_tokens(ds[0].chosen_ids) == ["w03", "w04"]
+    assert ds[0].end_labels == (tok.eos_token_id, tok.eos_token_id)
 
 
 def test_conversational_chat_template(tmp_path, tok):
@@ -82,8 +85,8 @@ def test_conversational_chat_template(tmp_path, tok):
     ]
     ds = load_preferences(write_jsonl(tmp_path / "c.jsonl", rows), tok, max_length=16, max_prompt_length=8)
     assert tok.convert_ids_to_tokens(ds[0].prompt_ids) == ["[BOS]", "<|user|>", "w01", "<|assistant|>"]
-    assert tok.convert_ids_to_tokens(ds[0].chosen_ids) == ["w02", "w03", "[EOS]"]
-    assert tok.convert_ids_to_tokens(ds[1].rejected_ids) == ["w07", "[EOS]"]
+    assert tok.convert_ids_to_tokens(ds[0].chosen_ids) == ["w02", "w03"]
+    assert tok.convert_ids_to_tokens(ds[1].rejected_ids) == ["w07"]
 
 
 @pytest.mark.parametrize(
@@ -145,20 +148,45 @@ def test_labels_mask_prompt_and_padding(tmp_path, tok):
     rows = [{"prompt": "w01 w02 w03 w04 w05", "chosen": "w10 w11 w12 w13 w14 w15", "rejected": "w20"}]
     ds = load_preferences(write_jsonl(tmp_path / "t.jsonl", rows), tok, max_length=8, max_prompt_length=3)
     ex = ds[0]
-    assert tok.convert_ids_to_tokens(ex.prompt_ids) == ["w03", "w04", "w05"]
+    # left truncation keeps BOS; the chosen response is cut (no EOS target), the rejected one ends with EOS
+    assert tok.convert_ids_to_tokens(ex.prompt_ids) == ["[BOS]", "w04", "w05"]
     assert tok.convert_ids_to_tokens(ex.chosen_ids) == ["w10", "w11", "w12", "w13", "w14"]
+    assert ex.end_labels == (None, tok.eos_token_id)
+    assert ds.report.truncated_prompts == 1 and ds.report.truncated_responses == 1
+    assert "truncated 1 prompts" in ds.report.summary() and "1/2 responses" in ds.report.summary()
     b = collate_pairs([ex], pad_token_id=tok.pad_token_id)
     assert b.input_ids.shape == (2, 8)
     ids, lab, mask = b.input_ids, b.labels, b.attention_mask
     # chosen: hidden at the last prompt position predicts the first response token, ..., last position ignored
     assert lab[0].tolist() == [-100, -100] + ids[0, 3:].tolist() + [-100]
-    # rejected: prompt(3) + w20 + EOS, then padding
-    assert mask[1].tolist() == [1] * 5 + [0] * 3
-    assert lab[1].tolist() == [-100, -100, ids[1, 3].item(), ids[1, 4].item()] + [-100] * 4
-    assert ids[1, 4].item() == tok.eos_token_id and ids[1, 5].item() == tok.pad_token_id
-    for row in range(2):  # every label is the next input token
-        valid = lab[row] != -100
-        assert (lab[row, :-1][valid[:-1]] == ids[row, 1:][valid[:-1]]).all()
+    # rejected: prompt(3) + w20, then padding; the hidden state of w20 predicts EOS (a label, not an input)
+    assert mask[1].tolist() == [1] * 4 + [0] * 4
+    assert lab[1].tolist() == [-100, -100, ids[1, 3].item(), tok.eos_token_id] + [-100] * 4
+    assert tok.eos_token_id not in ids.tolist()[1] and ids[1, 4].item() == tok.pad_token_id
+    for row in range(2):  # every other label is the next input token
+        valid = lab[row, :-1] != -100
+        valid[int(mask[row].sum()) - 1 :] = False
+        assert (lab[row, :-1][valid] == ids[row, 1:][valid]).all()
+
+
+def test_source_rows_survive_skipped_rows_and_the_split(tmp_path, tok):
+    from training.config import TrainConfig
+    from training.trainer import load_data
+
+    rows = [{"prompt": f"w{i:02d}", "chosen": "w20 w21", "rejected": "w22"} for i in range(12)]
+    rows[3] = {"prompt": "w03", "chosen": "w20", "rejected": "w20"}  # file row 4: chosen == rejected
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    ds = load_preferences(path, tok, max_length=16, max_prompt_length=4, skip_bad_rows=True)
+    assert [ex.source_row for ex in ds] == [1, 2, 3] + list(range(5, 13))
+    assert [ex.index for ex in ds] == list(range(11))
+    cfg = TrainConfig(train_data=str(path), skip_bad_rows=True, eval_fraction=0.3, max_length=16, max_prompt_length=4)
+    train, held = load_data(cfg, tok)
+    for split in (train, held):
+        assert [ex.index for ex in split] == list(range(len(split)))
+        for ex in split:  # the prompt word w{i} sits on file row i + 1
+            assert tok.convert_ids_to_tokens(ex.prompt_ids)[1] == f"w{ex.source_row - 1:02d}"
+    assert sorted(ex.source_row for split in (train, held) for ex in split) == [1, 2, 3] + list(range(5, 13))
+    assert collate_pairs(list(held), tok.pad_token_id).source_rows == [ex.source_row for ex in held]
 
 
 def test_synthetic_task_deterministic_and_noise_calibrated():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_training_resume import ROOT, common_args, env, records
 
+from training import checkpoint as ckpt
 from training.synthetic import write_task
 
 
@@ -75,8 +76,8 @@ def test_two_process_equals_single(single, mode):
         assert fa[k] == pytest.approx(fb[k], rel=1e-5, abs=1e-6), k
     assert json.loads((run / "config.json").read_text())["distributed"] == mode
     # same gradients ⇒ same parameters after 4 AdamW steps (FSDP checkpoints gather the full state)
-    sa = torch.load(tmp / "single" / "checkpoint.pt", weights_only=False)["model"]
-    sb = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    sa = ckpt.load(tmp / "single" / ckpt.CHECKPOINT)["model"]
+    sb = ckpt.load(run / ckpt.CHECKPOINT)["model"]
     assert sorted(sa) == sorted(sb)
     for name in sa:
         torch.testing.assert_close(sb[name], sa[name], rtol=1e-5, atol=1e-6)

@@ -41,7 +41,10 @@ def test_export_reload_gives_same_rewards(tmp_path, arch, lora):
     with torch.no_grad():
         want = model(batch.input_ids, batch.attention_mask).rewards
 
-    out = export_pretrained(model, tok, tmp_path / "export")
+    out = export_pretrained(model, tok, tmp_path / "export", max_length=32, max_prompt_length=8)
+    contract = json.loads((out / "haf_reward.json").read_text())
+    assert (contract["max_length"], contract["max_prompt_length"]) == (32, 8)
+    assert contract["pad_token_id"] == tok.pad_token_id
     seq = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert seq.config.num_labels == 1 and seq.config.pad_token_id == tok.pad_token_id
     with torch.no_grad():
@@ -56,8 +59,39 @@ def test_export_reload_gives_same_rewards(tmp_path, arch, lora):
     ref = logits.log_softmax(-1).gather(-1, batch.labels.clamp_min(0)[..., None])[..., 0]
     torch.testing.assert_close(lp, ref.masked_fill(batch.labels == -100, 0.0), rtol=1e-4, atol=1e-4)
 
-    # haf-score on the export: the same rewards and pairwise accuracy
-    res = score_pairs(str(out), str(data), max_length=32, max_prompt_length=8)
+    # haf-score on the export (lengths from haf_reward.json): the same rewards and pairwise accuracy
+    res = score_pairs(str(out), str(data))
     b = batch.n_pairs
     assert [r["reward_chosen"] for r in res["rows"]] == pytest.approx(want[:b].tolist(), rel=1e-4, abs=1e-5)
     assert res["accuracy"] == pytest.approx(float((want[:b] > want[b:]).float().mean()))
+
+
+def test_export_pad_id_is_the_tokenizers(tmp_path):
+    """A tokenizer without a pad token: the export clears the model config's pad id (here 0, a real token), so
+    HF reads the last token even when it is token 0; haf-score batches such an export by the attention mask."""
+    from reward_contract_helpers import gpt2_style_tokenizer, hh_rows, write_rows
+
+    tok = gpt2_style_tokenizer()
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(tok)  # cfg.pad_token_id == 0, a byte-level token
+    torch.manual_seed(0)
+    model = HafRewardModel(transformers.AutoModelForCausalLM.from_config(cfg)).eval()
+    rows = hh_rows(6, seed=2)
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    ds = load_preferences(data, tok, max_length=256, max_prompt_length=128)
+    ends_in_0 = [ex for ex in ds if ex.chosen_ids[-1] == 0 or ex.rejected_ids[-1] == 0]
+    assert ends_in_0  # "!" is token 0
+    batch = collate_pairs(list(ds), 0)
+    with torch.no_grad():
+        want = model(batch.input_ids, batch.attention_mask).rewards
+    out = export_pretrained(model, tok, tmp_path / "export", max_length=256, max_prompt_length=128)
+    seq = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert seq.config.pad_token_id is None
+    b = batch.n_pairs
+    for k, row in enumerate(rows):
+        for key, w in (("chosen", want[k]), ("rejected", want[b + k])):
+            with torch.no_grad():
+                got = seq(**tok(row[key], return_tensors="pt")).logits[0, 0]
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
+    res = score_pairs(str(out), str(data), batch_size=4)
+    assert [r["reward_chosen"] for r in res["rows"]] == pytest.approx(want[:b].tolist(), rel=1e-4, abs=1e-5)

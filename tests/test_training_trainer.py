@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.synthetic import write_task
 from training.trainer import TrainHooks, default_pair_terms, train
@@ -88,5 +89,5 @@ def test_hooks_and_pair_columns(data, tmp_path):
     assert seen == {"aux": 4, "end": 2}  # 2 steps × 2 micro-batches
     rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("aux_loss" in r for r in rec if r["split"] == "train")
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = ckpt.load(tmp_path / "run" / ckpt.CHECKPOINT)
     assert "extra.weight" in state["model"] and state["config"]["weight_column"] == "flipped"

@@ -12,13 +12,58 @@ import torch
 USAGE = """usage: haf-train [CONFIG.yaml|--config CONFIG.(yaml|json)] [--key value ...]
 
 Trains a HaF reward model (haf_kernels.fused_haf_loss every step). Flags override the config file, which
-overrides the defaults. Booleans: --flag / --no-flag. Lists: comma-separated. Multi-process: launch with
+overrides the defaults. Every option takes dashes or underscores (--max-length = --max_length) and
+--key value or --key=value. Booleans: --flag / --no-flag. Lists: comma-separated. Multi-process: launch with
 torchrun (--distributed ddp|fsdp). Options (default):
 """
 
 
+class CLIError(SystemExit):
+    """A command-line error: its message (one line per problem) is printed on stderr; exit status 2 (1: the run
+    itself failed). ``str(exc)`` is the message."""
+
+    def __init__(self, prog: str, message: str, code: int = 2) -> None:
+        super().__init__(code)
+        self.message = message
+        print(f"{prog}: error: {message}", file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run_cli(prog: str, work):
+    """``work()``, with every user-facing failure turned into a one-line ``CLIError``: option parsing, configs,
+    resume conflicts and unusable run files exit 2; a non-finite loss, a bad data row or a missing data file
+    exit 1. Anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .errors import cli_message
+    from .tracking import MetricsFileError
+    from .trainer import NonFiniteError
+
+    try:
+        return work()
+    except SystemExit as exc:  # option parsing: "unknown option --x", "--x needs a value"
+        if isinstance(exc.code, str) and not isinstance(exc, CLIError):
+            raise CLIError(prog, exc.code.removeprefix(f"{prog}: ")) from None
+        raise
+    except (ConfigError, CheckpointError, MetricsFileError) as exc:
+        raise CLIError(prog, str(exc)) from None
+    except NonFiniteError as exc:
+        raise CLIError(prog, str(exc), code=1) from None
+    except Exception as exc:  # a bad data row, a missing data file (training.errors): one line, exit 1
+        msg = cli_message(exc)
+        if msg is None:
+            raise
+        raise CLIError(prog, msg.removeprefix("error: "), code=1) from None
+
+
 def train_main(argv: list[str] | None = None) -> None:
-    """``haf-train``: config file + ``--key value`` overrides → ``training.trainer.train``."""
+    """``haf-train``: config file + ``--key value`` overrides → ``training.trainer.train``.
+
+    Bad configs, resume conflicts and unusable run files end with a one-line message per problem (exit 2); a
+    non-finite loss, a bad data row or a missing data file with one line (exit 1); never a traceback.
+    """
     from .config import build_config, help_text
     from .trainer import train
 
@@ -26,10 +71,7 @@ def train_main(argv: list[str] | None = None) -> None:
     if "-h" in argv or "--help" in argv:
         print(USAGE + help_text())
         return
-    cfg = build_config(argv)
-    if not cfg.train_data:
-        raise SystemExit("haf-train: --train_data is required (see --help)")
-    metrics = train(cfg)
+    metrics = run_cli("haf-train", lambda: train(build_config(argv, need_data=True)))
     if metrics:
         keys = ("reward_accuracy", "implicit_accuracy", "reward_margin", "implicit_margin", "reward_ece")
         print(json.dumps({k: metrics[k] for k in keys if k in metrics} | {"run_dir": metrics.get("run_dir")}))
@@ -48,9 +90,13 @@ def score_pairs(
 ) -> dict:
     """Rewards of every pair of ``data`` under a run directory or an exported sequence classifier.
 
-    Returns ``{"accuracy", "n_pairs", "rows": [{"row", "reward_chosen", "reward_rejected"}, ...]}``.
+    Both are scored under the reward contract (``training.data``): the same ids as training, the reward at the
+    last token; lengths default to the run's config or the export's ``haf_reward.json``.
+    Returns ``{"accuracy", "n_pairs", "report", "rows": [{"row", "reward_chosen", "reward_rejected"}, ...]}`` where
+    ``row`` is the pair's 1-based row number in ``data`` (as in bad-row messages, also with ``skip_bad_rows``).
     """
-    from .data import collate_pairs, load_preferences
+    from .data import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, collate_pairs, load_preferences
+    from .model import last_token_index
 
     path = Path(model_path)
     if (path / "checkpoint.pt").exists():
@@ -65,15 +111,36 @@ def score_pairs(
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from .data import load_tokenizer_dir
+        from .data import CONTRACT_VERSION, load_tokenizer_dir
+        from .export import CONTRACT_FILE
 
         model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device).eval()
         tok = load_tokenizer_dir(model_path)
-        max_length = max_length or 512
-        max_prompt_length = max_prompt_length or min(128, max_length // 2)
+        contract_path = path / CONTRACT_FILE
+        contract = json.loads(contract_path.read_text(encoding="utf-8")) if contract_path.exists() else {}
+        if not contract:
+            print(
+                f"haf-score: {model_path} has no {CONTRACT_FILE} (not a haf-train export?): lengths default to "
+                f"{DEFAULT_MAX_LENGTH}/{DEFAULT_MAX_PROMPT_LENGTH} unless given",
+                file=sys.stderr,
+            )
+        elif contract.get("contract_version", CONTRACT_VERSION) > CONTRACT_VERSION:
+            raise SystemExit(
+                f"haf-score: {contract_path} is reward contract v{contract['contract_version']}, newer "
+                f"than this haf-score (v{CONTRACT_VERSION}); upgrade haf_kernels"
+            )
+        max_length = max_length or contract.get("max_length") or DEFAULT_MAX_LENGTH
+        max_prompt_length = max_prompt_length or contract.get("max_prompt_length") or DEFAULT_MAX_PROMPT_LENGTH
+        max_prompt_length = min(max_prompt_length, max_length - 1)
 
         def rewards(batch):
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+            if not isinstance(getattr(model, "score", None), torch.nn.Linear):  # not a haf-train export
+                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+            # the classifier's own body and score head, read at the last attended token: the same position HF's
+            # pad-id pooling finds, but also right for tokenizers without a pad token (batched, right-padded)
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+            idx = last_token_index(batch.attention_mask)
+            return model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])[:, 0]
 
     ds = load_preferences(
         data, tok, max_length=max_length, max_prompt_length=max_prompt_length, skip_bad_rows=skip_bad_rows, split="test"
@@ -85,7 +152,7 @@ def score_pairs(
         r = rewards(batch).float().cpu()
         b = batch.n_pairs
         rows += [
-            {"row": int(batch.index[k]), "reward_chosen": float(r[k]), "reward_rejected": float(r[b + k])}
+            {"row": batch.source_rows[k], "reward_chosen": float(r[k]), "reward_rejected": float(r[b + k])}
             for k in range(b)
         ]
     acc = sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / len(rows)
@@ -93,25 +160,32 @@ def score_pairs(
 
 
 def score_main(argv: list[str] | None = None) -> None:
-    """``haf-score MODEL DATA``: per-pair rewards (``--output`` JSONL) and pairwise accuracy."""
+    """``haf-score MODEL DATA``: per-pair rewards (``--output`` JSONL) and pairwise accuracy.
+
+    Every option takes either spelling: ``--max-length`` or ``--max_length``."""
     p = argparse.ArgumentParser(prog="haf-score", description=score_main.__doc__)
     p.add_argument("model", help="a haf-train run directory or an exported AutoModelForSequenceClassification")
     p.add_argument("data", help="preference data (.jsonl/.json/.parquet/.csv or a load_from_disk folder)")
-    p.add_argument("--output", help="write per-pair rewards as JSON lines here")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--max-prompt-length", type=int)
-    p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--output", help="write per-pair rewards as JSON lines here (row: 1-based row in DATA)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
+    p.add_argument(
+        "--max-length", "--max_length", dest="max_length", type=int, help="default: the run's / haf_reward.json"
+    )
+    p.add_argument("--max-prompt-length", "--max_prompt_length", dest="max_prompt_length", type=int)
+    p.add_argument("--skip-bad-rows", "--skip_bad_rows", dest="skip_bad_rows", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    res = score_pairs(
-        a.model,
-        a.data,
-        batch_size=a.batch_size,
-        max_length=a.max_length,
-        max_prompt_length=a.max_prompt_length,
-        skip_bad_rows=a.skip_bad_rows,
-        device=a.device,
+    res = run_cli(
+        "haf-score",
+        lambda: score_pairs(
+            a.model,
+            a.data,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            max_prompt_length=a.max_prompt_length,
+            skip_bad_rows=a.skip_bad_rows,
+            device=a.device,
+        ),
     )
     if a.output:
         with open(a.output, "w", encoding="utf-8") as f:
@@ -120,8 +194,11 @@ def score_main(argv: list[str] | None = None) -> None:
     print(json.dumps({"accuracy": res["accuracy"], "n_pairs": res["n_pairs"], "data": res["report"]}))
 
 
-def strength_main(argv: list[str] | None = None) -> None:
-    """``haf-strength``: preference strength from an ensemble of reward models (``training.methods.strength``)."""
+def strength_main(argv: list[str] | None = None) -> dict:
+    """``haf-strength``: preference strength from an ensemble of reward models (``training.methods.strength``).
+
+    Returns the run summary; a bad row or a missing data file is one ``error: …`` line and exit status 1.
+    """
     from .methods import strength
 
-    strength.main(argv)
+    return strength.main(argv)

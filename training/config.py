@@ -7,12 +7,17 @@ Precedence: dataclass defaults < config file (``--config path.yaml``) < command-
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 
 @dataclass
@@ -37,7 +42,10 @@ class TrainConfig:
     lora_r: int = 0  # 0: full fine-tune
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_target_modules: list = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    # module names, or per architecture (training/lora.py): auto (peft's default for the model type, else every
+    # linear/Conv1D layer of the body) | mlp (the MLP projections, e.g. gate/up/down_proj, GPT-2 c_fc + mlp.c_proj)
+    # | all-linear; never the LM head or the reward head
+    lora_target_modules: list = field(default_factory=lambda: ["auto"])
     # ---- reference model: "auto" (lora with LoRA, precomputed otherwise) | lora | copy | precomputed | none
     reference: str = "auto"
     ref_cache_dir: str = ""  # empty: <run_dir>/ref_cache
@@ -74,8 +82,8 @@ class TrainConfig:
     metarm_prompts: int = 8  # shifted prompts per step
     metarm_first_order: bool = False  # drop the Hessian term of the meta-gradient
     # ---- data / batching
-    max_length: int = 512
-    max_prompt_length: int = 128
+    max_length: int = 1024  # prompt + response tokens (the reward contract's truncation; see training/data.py)
+    max_prompt_length: int = 768  # room for multi-turn (HH-style) prompts; responses keep >= 256 tokens
     batch_size: int = 32  # pairs per optimiser step, over all processes and accumulation steps
     micro_batch_size: int = 8  # pairs per forward, per process
     eval_batch_size: int = 32
@@ -91,6 +99,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
     grad_clip: float = 1.0
     seed: int = 0
+    nonfinite: str = "stop"  # a non-finite loss or gradient: stop (error naming the step) | skip (drop the update)
+    nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
     # ---- system
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -100,6 +110,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
+    # False: start fresh | True (--resume): continue from <run_dir>/checkpoint.pt, an error if there is none
+    # | "auto": continue if a checkpoint exists, else start fresh
     resume: bool = False
     progress: bool = True
     tensorboard: bool = True
@@ -113,41 +125,202 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}")
-        return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+        """A config from a mapping; every unknown key and badly typed value is reported at once (``ConfigError``)."""
+        cfg, problems = _from_dict(cls, d)
+        if problems:
+            raise ConfigError([f"{k}: {m}" for k, m in problems])
+        return cfg
 
     def replace(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **kw)
 
-    def validate(self) -> TrainConfig:
-        if self.policy_loss not in ("sigmoid", "hinge", "ipo", "simpo"):
-            raise ValueError(f"policy_loss must be sigmoid|hinge|ipo|simpo, got {self.policy_loss!r}")
-        if self.reference not in ("auto", "lora", "copy", "precomputed", "none"):
-            raise ValueError(f"reference must be auto|lora|copy|precomputed|none, got {self.reference!r}")
-        if self.reference == "lora" and self.lora_r <= 0:
-            raise ValueError("reference='lora' needs lora_r > 0")
-        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
-            raise ValueError(f"distributed must be auto|ddp|fsdp|none, got {self.distributed!r}")
-        if self.noisy_mode not in ("", "flip", "drop", "soft"):
-            raise ValueError(f"noisy_mode must be flip|drop|soft (or empty), got {self.noisy_mode!r}")
-        if self.noisy_soft_mode not in ("smooth", "weight"):
-            raise ValueError(f"noisy_soft_mode must be smooth|weight, got {self.noisy_soft_mode!r}")
-        if not 0.0 <= self.noisy_fraction <= 1.0:
-            raise ValueError(f"noisy_fraction must be in [0, 1], got {self.noisy_fraction}")
-        if self.contrastive not in ("", "simcse", "swav"):
-            raise ValueError(f"contrastive must be simcse|swav (or empty), got {self.contrastive!r}")
-        if self.contrastive_on not in ("pair", "diff"):
-            raise ValueError(f"contrastive_on must be pair|diff, got {self.contrastive_on!r}")
-        if self.metarm_data and self.metarm_k < 2:
-            raise ValueError(f"metarm_k must be >= 2, got {self.metarm_k}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be < max_length")
-        if self.micro_batch_size <= 0 or self.batch_size <= 0:
-            raise ValueError("batch_size and micro_batch_size must be positive")
+    def validate(self, *, need_data: bool = False) -> TrainConfig:
+        """Check every value (types, ranges, choices, paths, consistency) before any work is done.
+
+        Raises ``ConfigError`` listing all problems, one line each, starting with the key. ``need_data``: the
+        config is about to train: ``train_data`` is required, local paths must exist, ``resume: true`` needs a
+        checkpoint (``train`` and ``haf-train`` pass it; without it a config only has to parse and be consistent).
+        """
+        problems = self.problems(need_data=need_data)
+        if problems:
+            raise ConfigError([f"{k}: {m}" for k, m in problems])
         return self
+
+    def problems(self, *, need_data: bool = False) -> list[tuple[str, str]]:
+        """``(key, message)`` for every invalid value (empty: valid)."""
+        out: list[tuple[str, str]] = []
+        typ_bad = set()
+        for f in dataclasses.fields(self):
+            msg = _type_problem(type(self), f.name, getattr(self, f.name))
+            if msg:
+                out.append((f.name, msg))
+                typ_bad.add(f.name)
+
+        def bad(key: str, msg: str) -> None:
+            if key not in typ_bad:
+                out.append((key, msg))
+
+        def get(key: str) -> Any:
+            return getattr(self, key)
+
+        def choice(key: str, options: tuple[str, ...]) -> None:
+            if get(key) not in options:
+                shown = "|".join(o if o else '""' for o in options)
+                bad(key, f"must be one of {shown}, got {get(key)!r}")
+
+        def num(key: str, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False) -> None:
+            v = get(key)
+            if key in typ_bad:
+                return
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(key, f"must be finite, got {v}")
+                return
+            allowed = "" if lo is None or hi is None else _range(lo, hi, lo_open, hi_open)
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                bad(key, f"must be {'>' if lo_open else '>='} {lo}, got {v}{allowed}")
+            elif hi is not None and (v >= hi if hi_open else v > hi):
+                bad(key, f"must be {'<' if hi_open else '<='} {hi}, got {v}{allowed}")
+
+        def path(key: str, *, required: bool = False, what: str = "file or folder") -> None:
+            v = get(key)
+            if key in typ_bad:
+                return
+            if not v:
+                if required:
+                    bad(key, "required (a .jsonl/.json/.parquet/.csv file, a load_from_disk folder or a hub name)")
+                return
+            if need_data and _looks_local(v) and not Path(v).expanduser().exists():
+                bad(key, f"no such {what}: {v!r}")
+
+        # ---- I/O and data
+        if not self.run_dir:
+            bad("run_dir", "must not be empty")
+        path("train_data", required=need_data)
+        path("eval_data")
+        if not self.eval_data:
+            num("eval_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        num("max_train_rows", 0)
+        num("max_eval_rows", 0)
+        # ---- model and tokenizer (a run directory keeps a copy of both for resuming: base_model/)
+        saved_base = self.resume is not False and (Path(self.run_dir) / "base_model" / "config.json").exists()
+        if self.model and not saved_base:
+            path("model", what="model folder")
+        if not self.model and not self.model_type:
+            bad("model_type", "required when model is empty (a from-config model)")
+        if self.tokenizer not in ("", "synthetic") and not saved_base:
+            path("tokenizer", what="tokenizer folder")
+        # ---- LoRA
+        num("lora_r", 0)
+        if "lora_r" not in typ_bad and self.lora_r > 0:
+            num("lora_alpha", 0, lo_open=True)
+            num("lora_dropout", 0.0, 1.0, hi_open=True)
+        choice("reference", ("auto", "lora", "copy", "precomputed", "none"))
+        if self.reference == "lora" and "lora_r" not in typ_bad and self.lora_r <= 0:
+            bad("reference", "reference='lora' needs lora_r > 0 (the reference is the model with its adapter off)")
+        # ---- loss
+        num("beta", 0.0, lo_open=True)
+        num("alpha", 0.0)
+        num("reward_weight", 0.0)
+        if not typ_bad & {"alpha", "reward_weight"} and self.alpha == 0 and self.reward_weight == 0:
+            bad("reward_weight", "alpha and reward_weight are both 0: the loss would be 0")
+        choice("policy_loss", ("sigmoid", "hinge", "ipo", "simpo"))
+        num("simpo_gamma")
+        num("label_smoothing", 0.0, 0.5, hi_open=True)
+        num("margin_scale")
+        from haf_kernels.backends import BACKENDS
+
+        choice("backend", ("auto", *BACKENDS))
+        # ---- RM methods
+        choice("noisy_mode", ("", "flip", "drop", "soft"))
+        num("noisy_fraction", 0.0, 1.0)
+        choice("noisy_soft_mode", ("smooth", "weight"))
+        num("noisy_soft_epsilon", 0.0, 0.5)
+        num("noisy_soft_weight", 0.0, 1.0)
+        num("adaptive_margin", 0.0)
+        if (
+            self.noisy_mode or (self.adaptive_margin if "adaptive_margin" not in typ_bad else 0)
+        ) and not self.strength_column:
+            bad("strength_column", "required by noisy_mode / adaptive_margin")
+        if self.noisy_mode and "noisy_mode" not in typ_bad:
+            if self.train_data and not str(self.train_data).endswith(".jsonl"):
+                bad("train_data", f"noisy_mode rewrites the training file: needs a .jsonl, got {self.train_data!r}")
+            if not self.eval_data:
+                bad("eval_data", "required with noisy_mode (the training file is rewritten; soft mode adds rows)")
+        choice("contrastive", ("", "simcse", "swav"))
+        choice("contrastive_on", ("pair", "diff"))
+        num("contrastive_prototypes", 0)
+        num("contrastive_dropout", 0.0, 1.0, hi_open=True)
+        path("metarm_data", what="file")
+        if self.metarm_data:
+            num("metarm_k", 2)
+            num("metarm_inner_lr", 0.0, lo_open=True)
+            num("metarm_prompts", 1)
+        # ---- lengths and batches
+        num("max_length", 2)
+        num("max_prompt_length", 1)
+        if not typ_bad & {"max_length", "max_prompt_length"} and self.max_prompt_length >= self.max_length:
+            bad(
+                "max_prompt_length",
+                f"must be < max_length ({self.max_prompt_length} >= {self.max_length}): responses need room",
+            )
+        num("batch_size", 1)
+        num("micro_batch_size", 1)
+        num("eval_batch_size", 1)
+        if (
+            not typ_bad & {"batch_size", "micro_batch_size"}
+            and self.batch_size > 0
+            and self.micro_batch_size > 0
+            and self.batch_size % self.micro_batch_size
+        ):
+            bad(
+                "batch_size",
+                f"must be a multiple of micro_batch_size ({self.batch_size} % {self.micro_batch_size} != 0): "
+                "gradient accumulation runs whole micro-batches",
+            )
+        # ---- optimisation
+        num("lr", 0.0, lo_open=True)
+        num("head_lr", 0.0)
+        num("weight_decay", 0.0)
+        num("adam_beta1", 0.0, 1.0, hi_open=True)
+        num("adam_beta2", 0.0, 1.0, hi_open=True)
+        num("warmup_steps", 0)
+        num("max_steps", 0)
+        if "max_steps" not in typ_bad and self.max_steps == 0:
+            num("epochs", 0.0, lo_open=True)
+        num("min_lr_ratio", 0.0, 1.0)
+        num("grad_clip", 0.0)
+        num("seed", 0)
+        choice("nonfinite", ("stop", "skip"))
+        num("nonfinite_max_skips", 1)
+        # ---- system
+        choice("device", ("auto", "cpu", "cuda"))
+        choice("dtype", ("auto", "bf16", "fp32"))
+        choice("distributed", ("auto", "ddp", "fsdp", "none"))
+        num("num_threads", 0)
+        # ---- logging, eval, checkpoints
+        num("log_every", 1)
+        num("eval_every", 0)
+        num("save_every", 0)
+        num("debug_step_sleep", 0.0)
+        if need_data and "resume" not in typ_bad and self.resume is True and self.run_dir:
+            ckpt = Path(self.run_dir) / "checkpoint.pt"
+            if not ckpt.exists():
+                bad(
+                    "resume",
+                    f"no checkpoint to resume from at {ckpt}: drop --resume to start fresh, or use --resume auto "
+                    "(resume when a checkpoint exists, else start fresh)",
+                )
+        return out
+
+    def warnings(self) -> list[str]:
+        """Valid but probably unintended settings (printed by ``train``)."""
+        out = []
+        if self.max_steps and self.warmup_steps >= self.max_steps:
+            out.append(
+                f"warmup_steps ({self.warmup_steps}) >= max_steps ({self.max_steps}): the learning rate never "
+                "reaches lr and the cosine decay never starts"
+            )
+        return out
 
     @property
     def reference_mode(self) -> str:
@@ -163,53 +336,170 @@ def _field_type(cls: type, name: str) -> Any:
     return hints[name]
 
 
+class ConfigError(UserError, ValueError):
+    """Invalid configuration: one line per problem, each starting with the key (or the file) it is about."""
+
+    def __init__(self, problems: list[str] | str, header: str = "", hint: str = "") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            msg = (f"{header}: " if header else "") + self.problems[0] + (f"; {hint}" if hint else "")
+        else:
+            lines = [f"{header or 'invalid config'} ({len(self.problems)} problems):"]
+            lines += [f"  {p}" for p in self.problems] + ([hint] if hint else [])
+            msg = "\n".join(lines)
+        super().__init__(msg)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def _looks_local(value: str) -> bool:
+    """A file-system path rather than a hub name (``name`` or ``org/name``)."""
+    p = str(value)
+    return (
+        p.startswith(("/", ".", "~"))
+        or "\\" in p
+        or len(Path(p).parts) > 2
+        or Path(p).suffix.lower() in DATA_SUFFIXES + (".yaml", ".yml", ".safetensors")
+    )
+
+
+def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    return f" (allowed: {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'})"
+
+
+@functools.cache
+def _types(cls: type) -> dict[str, Any]:
+    out = {}
+    for name, typ in typing.get_type_hints(cls).items():
+        if isinstance(typ, types.UnionType):
+            args = tuple(a for a in typing.get_args(typ) if a is not type(None))
+            typ = args[0] if len(args) == 1 else args
+        out[name] = typing.get_origin(typ) or typ
+    return out
+
+
+_TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS.update({list: "a list", dict: "a mapping (JSON object)"})
+
+
+def _type_problem(cls: type, name: str, value: Any) -> str:
+    """Why ``value`` does not fit the field's type ("" when it does)."""
+    typ = _types(cls).get(name)
+    if typ is None:
+        return ""
+    allowed = typ if isinstance(typ, tuple) else (typ,)
+    if name == "resume" and (isinstance(value, bool) or value == "auto"):
+        return ""
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return ""
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return ""
+        if t not in (int, float) and isinstance(t, type) and isinstance(value, t):
+            return ""
+    words = " or ".join(_TYPE_WORDS.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+    if name == "resume":
+        words = 'true, false or "auto"'
+    return f"expected {words}, got {value!r} ({type(value).__name__})"
+
+
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert a file/CLI value to the field's type (strings from the command line)."""
-    typ = _field_type(cls, name)
-    if isinstance(typ, types.UnionType):
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    """Convert a file/CLI value to the field's type (strings from the command line); ``ConfigError`` naming the key."""
+    typ = _types(cls)[name]
+    if isinstance(typ, tuple):
+        typ = typ[0]
+    if value is None and typ in (str, list, dict):  # an empty YAML value
+        return typ()
     if not isinstance(value, str):
-        if typ is float and isinstance(value, int):
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        return value
+        return value  # checked by ``validate``
+    if name == "resume" and value.strip().lower() == "auto":
+        return "auto"
+    problem = f"{name}: expected {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}"
     if typ is bool:
-        low = value.lower()
+        low = value.strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}: expected a boolean, got {value!r}")
-    if typ is int:
-        return int(value)
-    if typ is float:
-        return float(value)
-    if typ is list:
-        value = value.strip()
-        if value.startswith("["):
-            return json.loads(value)
-        return [v for v in value.split(",") if v]
-    if typ is dict:
-        return json.loads(value) if value.strip() else {}
+        if name == "resume":
+            problem = f'resume: expected true, false or "auto", got {value!r}'
+        raise ConfigError([problem])
+    try:
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is list:
+            value = value.strip()
+            if value.startswith("["):
+                out = json.loads(value)
+                if not isinstance(out, list):
+                    raise ValueError
+                return out
+            return [v for v in value.split(",") if v]
+        if typ is dict:
+            out = json.loads(value) if value.strip() else {}
+            if not isinstance(out, dict):
+                raise ValueError
+            return out
+    except ValueError:  # includes json.JSONDecodeError
+        raise ConfigError([problem]) from None
     return value
 
 
+def _from_dict(cls: type, d: dict[str, Any]) -> tuple[Any, list[tuple[str, str]]]:
+    """``(config, problems)``: unknown keys and values that do not convert are problems (left at defaults)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            problems.append((str(key), "unknown config key" + (f" (did you mean {close[0]}?)" if close else "")))
+            continue
+        try:
+            values[key] = _coerce(cls, key, value)
+        except ConfigError as exc:
+            problems.append((key, exc.problems[0].split(": ", 1)[1]))
+    return cls(**values), problems
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON mapping of config keys."""
+    """A YAML or JSON mapping of config keys; ``ConfigError`` naming the file (and line) when it is not one."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise ConfigError([f"config: no such file: {str(path)!r}"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read the config file ({exc})"]) from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError([f"{path}: invalid YAML{where}: {what}"]) from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: config file must hold a mapping, got {type(data).__name__}")
+        raise ConfigError([f"{path}: config file must hold a mapping of keys to values, got {type(data).__name__}"])
     return data
 
 
 def parse_overrides(argv: list[str], cls: type = TrainConfig) -> tuple[dict[str, Any], list[str]]:
-    """``--key value`` / ``--flag`` / ``--no-flag`` pairs into a dict; returns (overrides, positional args)."""
+    """``--key value`` / ``--key=value`` / ``--flag`` / ``--no-flag`` pairs into a dict; returns (overrides,
+    positional args). Dashes and underscores are the same: ``--max-length`` = ``--max_length``, ``--no-progress``
+    = ``--no_progress``."""
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
     positional: list[str] = []
@@ -243,8 +533,11 @@ def parse_overrides(argv: list[str], cls: type = TrainConfig) -> tuple[dict[str,
     return out, positional
 
 
-def build_config(argv: list[str] | None = None, cls: type = TrainConfig, **defaults: Any) -> TrainConfig:
-    """Defaults (plus ``defaults``) < ``--config`` file < flags."""
+def build_config(
+    argv: list[str] | None = None, cls: type = TrainConfig, *, need_data: bool = False, **defaults: Any
+) -> TrainConfig:
+    """Defaults (plus ``defaults``) < ``--config`` file < flags, validated: ``ConfigError`` lists every problem
+    (unknown keys, bad types, bad values) at once. ``need_data``: about to train (see ``TrainConfig.validate``)."""
     argv = list(argv or [])
     flags, positional = parse_overrides(argv, cls)
     cfg_file = flags.pop("config", None) or (positional[0] if positional else None)
@@ -252,7 +545,12 @@ def build_config(argv: list[str] | None = None, cls: type = TrainConfig, **defau
     if cfg_file:
         merged.update(load_config_file(cfg_file))
     merged.update(flags)
-    return cls.from_dict(merged).validate()
+    cfg, problems = _from_dict(cls, merged)
+    seen = {k for k, _ in problems}
+    problems += [(k, m) for k, m in cfg.problems(need_data=need_data) if k not in seen]
+    if problems:
+        raise ConfigError([f"{k}: {m}" for k, m in problems])
+    return cfg
 
 
 def help_text(cls: type = TrainConfig) -> str:

@@ -1,5 +1,10 @@
 """Preference data: loading (files, ``load_from_disk`` folders, hub names), formats, tokenisation, batching.
 
+Sources (``read_rows``): ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, also compressed as they ship
+(``.jsonl.gz``, ``.json.gz``, ``.bz2``, ``.xz``, ``.zst`` with Python >= 3.14 or ``zstandard``), a ``load_from_disk``
+folder, or a Hub dataset name. A missing local path is ``DataNotFoundError`` at once (no Hub lookup); a Hub-like
+name that is neither local nor loadable says both in one message.
+
 Formats (detected per row):
 
 - explicit prompt: ``prompt``, ``chosen``, ``rejected`` strings;
@@ -12,12 +17,24 @@ Optional per-pair columns: ``margin``, ``strength``, ``weight`` (numbers) and ``
 numeric / boolean scalar column (e.g. ``true_reward_chosen``, ``flipped``, ``strength_std``) is carried along
 in ``PairExample.columns`` for the loss, evaluation and RM methods.
 
-A bad row (missing field, empty response, chosen == rejected, undecodable) raises ``BadRowError`` naming the
-file and the 1-based row number, or, with ``skip_bad_rows``, is counted in ``LoadReport`` (never silently
-dropped).
+A bad row (missing field, empty response, e.g. an implicit-prompt transcript that is the start of the other one,
+chosen == rejected, undecodable, a failing chat template) raises ``BadRowError`` naming the file, the 1-based row
+number (the line number for JSON lines) and the reason, or, with ``skip_bad_rows``, is counted in ``LoadReport``
+(never silently dropped). The CLIs print it as one line with the ``--skip-bad-rows`` hint (``errors.cli_errors``).
 
-Sequences are ``prompt_ids + response_ids (+ EOS)``; truncation keeps the end of the prompt and the start of
-the response. ``labels[t] = input_ids[t + 1]`` where ``t + 1`` is a response token, else ``ignore_index``.
+The reward contract (one definition, used by the trainer, its evaluation, ``haf-score`` and the export's
+``haf_reward.json``): the reward of ``(prompt, response)`` is read at the last token of
+``encode_for_reward(tokenizer, reward_text(prompt, response))``, i.e. of ``tokenizer(prompt + response)`` with the
+tokenizer's default special tokens (a space joins a plain-text prompt and response that meet without whitespace;
+conversational rows are the chat template's rendering, whose own BOS is not duplicated). Prompt and responses are
+tokenised *together*; the prompt/response boundary is the longest common prefix with the tokenised prompt.
+
+Sequences are ``prompt_ids + response_ids``: exactly those contract ids. The tokenizer's EOS is a policy target
+*after* the last token (a label at the last position, never an input), so the reward position is untouched.
+Truncation keeps the prompt's leading special tokens (BOS, a chat template's leading special tokens) and its end
+(≤ ``max_prompt_length``) and the start of the response (total ≤ ``max_length``); a truncated response gets no
+EOS target. ``labels[t] = input_ids[t + 1]`` where ``t + 1`` is a response token (and ``EOS`` at the last
+position of an untruncated response), else ``ignore_index``.
 """
 
 from __future__ import annotations
@@ -35,10 +52,14 @@ import torch
 
 RESERVED = {"prompt", "chosen", "rejected", "subset"}
 HH_ASSISTANT = "\n\nAssistant:"
+CONTRACT_VERSION = 1  # of the reward contract (module docstring); written to the export's haf_reward.json
+DEFAULT_MAX_LENGTH = 1024  # fits multi-turn conversational data (HH-RLHF) with room for the response
+DEFAULT_MAX_PROMPT_LENGTH = 768
 
 
 class BadRowError(ValueError):
-    """A data row that cannot be used; the message names the source and the 1-based row number."""
+    """A data row that cannot be used; the message is ``<source>: row <N>: <reason>`` (N 1-based: the line number
+    of a JSON-lines file). CLIs report it as one line plus the ``--skip-bad-rows`` hint (``errors.cli_errors``)."""
 
 
 @dataclass
@@ -50,6 +71,8 @@ class LoadReport:
     n_kept: int = 0
     bad: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    truncated_prompts: int = 0  # kept pairs whose prompt was cut to max_prompt_length (from the left)
+    truncated_responses: int = 0  # kept responses (chosen and rejected counted apart) cut to fit max_length
 
     @property
     def n_bad(self) -> int:
@@ -57,6 +80,11 @@ class LoadReport:
 
     def summary(self) -> str:
         s = f"{self.source}: {self.n_kept}/{self.n_rows} rows kept"
+        if self.truncated_prompts or self.truncated_responses:
+            s += (
+                f", truncated {self.truncated_prompts} prompts (max_prompt_length) and "
+                f"{self.truncated_responses}/{2 * self.n_kept} responses (max_length)"
+            )
         if self.n_bad:
             s += f", {self.n_bad} bad rows skipped ({dict(self.bad)}); e.g. {self.examples[0]}"
         return s
@@ -64,7 +92,12 @@ class LoadReport:
 
 @dataclass
 class PairExample:
-    """One tokenised pair. ``index`` is the row's position among the kept rows of its dataset."""
+    """One tokenised pair. ``index`` is the row's position among the kept rows of its dataset; ``source_row`` its
+    1-based row number in the source file (as in bad-row messages), kept through filtering and splits.
+
+    ``prompt_ids + chosen_ids`` are the contract ids of ``prompt + chosen`` (reward at the last one);
+    ``end_labels`` the policy targets after the last chosen / rejected token (EOS, or None: none, or truncated).
+    """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
@@ -72,13 +105,17 @@ class PairExample:
     index: int
     subset: str | None = None
     columns: dict[str, float] = field(default_factory=dict)
+    source_row: int = 0
+    end_labels: tuple[int | None, int | None] = (None, None)
 
 
 @dataclass
 class PairBatch:
     """``B`` pairs concatenated as ``[2B, T]``: rows ``0..B-1`` chosen, ``B..2B-1`` rejected.
 
-    ``columns`` maps per-pair column names to ``[B]`` float tensors; ``index [B]`` are dataset indices.
+    ``columns`` maps per-pair column names to ``[B]`` float tensors; ``index [B]`` are dataset indices,
+    ``source_rows`` the pairs' 1-based row numbers in their source file. The reward of a row is read at its last
+    non-padding token (the contract's last token; an EOS policy target lives only in ``labels``).
     """
 
     input_ids: torch.Tensor
@@ -87,6 +124,7 @@ class PairBatch:
     index: torch.Tensor
     columns: dict[str, torch.Tensor]
     subsets: list[str | None]
+    source_rows: list[int] = field(default_factory=list)
 
     @property
     def n_pairs(self) -> int:
@@ -100,66 +138,167 @@ class PairBatch:
             self.index.to(device),
             {k: v.to(device) for k, v in self.columns.items()},
             self.subsets,
+            self.source_rows,
         )
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_rows(source: str | os.PathLike, split: str = "train") -> list[tuple[int, Any]]:
-    """``(row_number, row)`` of a ``.jsonl/.json/.parquet/.csv`` file, a ``load_from_disk`` folder or a hub name.
+DATA_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".lzma": "xz", ".zst": "zstd", ".zstd": "zstd"}
+FORMATS_HELP = ".jsonl/.json/.parquet/.csv (optionally .gz/.bz2/.xz/.zst) or a load_from_disk folder"
 
-    Undecodable JSON lines are returned as ``BadRowError`` instances (raised or counted later).
+
+def _data_suffix(path: Path) -> tuple[str | None, str | None]:
+    """``(format, compression)`` from the file name: ``x.jsonl.gz`` → ``("jsonl", "gzip")``."""
+    suffixes = [x.lower() for x in path.suffixes]
+    comp = COMPRESSIONS.get(suffixes.pop()) if suffixes and suffixes[-1] in COMPRESSIONS else None
+    return (DATA_FORMATS.get(suffixes[-1]) if suffixes else None), comp
+
+
+def _open_data(path: Path, compression: str | None):
+    """A binary file object over the decompressed content of ``path``."""
+    import io
+
+    from .errors import DataFormatError
+
+    if compression is None:
+        return open(path, "rb")
+    if compression == "gzip":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if compression == "bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    try:  # zstd: the standard library from Python 3.14, else the zstandard package
+        from compression import zstd  # type: ignore[import-not-found]
+
+        return zstd.open(path, "rb")
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise DataFormatError(f"{path}: reading .zst files needs Python >= 3.14 or `pip install zstandard`") from None
+    with open(path, "rb") as f:
+        return io.BytesIO(zstandard.ZstdDecompressor().stream_reader(f).readall())
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether ``source`` can only be a local path (never a Hub dataset name such as ``org/name``)."""
+    s = str(source)
+    if s.startswith(("/", ".", "~")) or "\\" in s or s.endswith("/") or s.count("/") > 1:
+        return True
+    fmt, comp = _data_suffix(Path(s))
+    if fmt or comp:
+        return True
+    return "/" in s and Path(s.split("/", 1)[0]).is_dir()
+
+
+def read_rows(source: str | os.PathLike, split: str = "train") -> list[tuple[int, Any]]:
+    """``(row_number, row)`` of a data file, a ``load_from_disk`` folder or a Hub dataset name.
+
+    Files: ``.jsonl`` (``.ndjson``), ``.json`` (a list, ``{split: [...]}`` / ``{"data": [...]}``, columns, or JSON
+    lines), ``.parquet``, ``.csv``, each optionally compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``); row numbers are
+    the 1-based line number in the (decompressed) file for JSON lines, else the record's 1-based position.
+    Undecodable JSON lines are returned as ``BadRowError`` instances (raised or counted later). A missing local path
+    raises ``DataNotFoundError`` without any Hub lookup; a name that could be a Hub dataset is tried with
+    ``datasets.load_dataset`` and, when that fails too, the error says both what was looked for locally and why
+    the Hub load failed.
     """
-    path = Path(source)
+    from .errors import DataFormatError, DataNotFoundError
+
+    path = Path(source).expanduser()
     if path.is_dir():
         import datasets
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"{path}: no split {split!r} (has {list(ds)})")
+                raise DataFormatError(f"{path}: no split {split!r} (has {list(ds)})")
             ds = ds[split]
         return [(i + 1, row) for i, row in enumerate(ds)]
-    suffix = path.suffix.lower()
-    if path.exists() and suffix == ".jsonl":
-        rows: list[tuple[int, Any]] = []
-        with open(path, "rb") as f:
-            for i, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    rows.append((i, json.loads(raw.decode("utf-8"))))
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    rows.append((i, BadRowError(f"{path}: row {i}: undecodable ({type(exc).__name__}: {exc})")))
-        return rows
-    if path.exists() and suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if isinstance(data, dict):
-            data = data.get(split, data.get("data", data))
-        if isinstance(data, dict):  # column-oriented
-            keys = list(data)
-            data = [dict(zip(keys, vals)) for vals in zip(*(data[k] for k in keys))]
-        return [(i + 1, row) for i, row in enumerate(data)]
-    if path.exists() and suffix == ".parquet":
-        import pandas as pd
+    fmt, comp = _data_suffix(path)
+    if path.is_file():
+        if fmt is None:
+            raise DataFormatError(f"{path}: unsupported data format (use {FORMATS_HELP})")
+        with _open_data(path, comp) as f:
+            if fmt == "jsonl":
+                return _jsonl_rows(f, path)
+            data = f.read()
+        if fmt == "json":
+            return _json_rows(data, path, split)
+        if fmt == "parquet":
+            import io
 
-        return [(i + 1, row) for i, row in enumerate(pd.read_parquet(path).to_dict(orient="records"))]
-    if path.exists() and suffix == ".csv":
+            import pyarrow.parquet as pq
+
+            return [(i + 1, row) for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist())]
         import csv
         import io
 
         # invalid UTF-8 survives as lone surrogates and is reported per row by normalise_row
-        text = path.read_bytes().decode("utf-8", "surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
         return [
             (i + 1, {k: v if k in RESERVED else _csv_value(v) for k, v in row.items()}) for i, row in enumerate(reader)
         ]
-    if path.exists() or suffix in (".jsonl", ".json", ".parquet", ".csv"):
-        raise FileNotFoundError(f"{path}: not found or unsupported format (use .jsonl/.json/.parquet/.csv or a folder)")
-    import datasets  # a hub name (needs network)
+    if path.exists():
+        raise DataFormatError(f"{path}: not a regular file or folder")
+    if _looks_like_path(str(source)):
+        raise DataNotFoundError(f"{source}: not found (no such file or folder)")
+    import datasets  # a Hub name (needs network)
 
-    ds = datasets.load_dataset(str(source), split=split)
+    try:
+        ds = datasets.load_dataset(str(source), split=split)
+    except OSError as exc:  # ConnectionError, DatasetNotFoundError, offline mode
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataNotFoundError(
+            f"{source}: not found: no such local file or folder, and loading it as a Hugging Face Hub dataset "
+            f"failed ({type(exc).__name__}: {first})"
+        ) from exc
     return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+def _jsonl_rows(f: Any, path: Path) -> list[tuple[int, Any]]:
+    rows: list[tuple[int, Any]] = []
+    for i, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append((i, json.loads(raw.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            rows.append((i, BadRowError(f"{path}: row {i}: undecodable ({type(exc).__name__}: {exc})")))
+    return rows
+
+
+def _json_rows(data: bytes, path: Path, split: str) -> list[tuple[int, Any]]:
+    import io
+
+    from .errors import DataFormatError
+
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON lines under a .json name
+            return _jsonl_rows(io.BytesIO(data), path)
+        raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(obj, dict):
+        obj = obj.get(split, obj.get("data", obj))
+    if isinstance(obj, dict):  # column-oriented
+        keys = list(obj)
+        if not all(isinstance(obj[k], list) for k in keys):
+            raise DataFormatError(f"{path}: a JSON object must hold a list of rows (under {split!r} or 'data')")
+        obj = [dict(zip(keys, vals)) for vals in zip(*(obj[k] for k in keys))]
+    if not isinstance(obj, list):
+        raise DataFormatError(f"{path}: expected a list of rows, got {type(obj).__name__}")
+    return [(i + 1, row) for i, row in enumerate(obj)]
 
 
 def _csv_value(v: str | None) -> Any:
@@ -185,7 +324,9 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     """``(prompt, chosen_response, rejected_response)`` of two full transcripts with a shared prefix.
 
     The prompt ends after the last ``"\\n\\nAssistant:"`` inside the common prefix (HH style); otherwise at
-    the last whitespace of the common prefix (so no word is split).
+    the last whitespace of the common prefix (so no word is split). A response can come out empty (one
+    transcript is the other plus more turns, e.g. ``…\\n\\nAssistant:`` vs ``…\\n\\nAssistant: text``);
+    ``normalise_row`` reports that as a bad row.
     """
     n = 0
     for a, b in zip(chosen, rejected):
@@ -215,14 +356,22 @@ def _render_messages(tokenizer: Any, prompt: Any, chosen: Any, rejected: Any) ->
         raise ValueError("conversation has no prompt messages")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("conversational data needs a tokenizer with a chat template")
-    p_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def render(messages: list, **kw: Any) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+        except Exception as exc:  # jinja TemplateError (e.g. roles must alternate), bad message contents
+            msg = " ".join(str(exc).split())
+            raise ValueError(f"chat template failed ({type(exc).__name__}: {msg})") from exc
+
+    p_text = render(prompt, add_generation_prompt=True)
     out = []
-    for resp in (chosen, rejected):
+    for key, resp in (("chosen", chosen), ("rejected", rejected)):
         if not resp:
-            raise ValueError("empty response")
-        full = tokenizer.apply_chat_template(list(prompt) + list(resp), tokenize=False)
+            raise ValueError(f"empty response ({key} has no messages after the prompt)")
+        full = render(list(prompt) + list(resp))
         if not full.startswith(p_text):  # templates that differ with/without a generation prompt
-            p0 = tokenizer.apply_chat_template(prompt, tokenize=False)
+            p0 = render(prompt)
             if not full.startswith(p0):
                 raise ValueError("chat template does not render the prompt as a prefix of the conversation")
             out.append(full[len(p0) :])
@@ -251,6 +400,12 @@ def normalise_row(row: Any, tokenizer: Any) -> tuple[str, str, str, str | None, 
             if chosen == rejected:
                 raise ValueError("chosen == rejected")
             prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
+            for key, val, other in (("chosen", chosen, "rejected"), ("rejected", rejected, "chosen")):
+                if not val.strip():
+                    raise ValueError(
+                        f"empty response ({key} is empty after splitting off the prompt it shares with {other}: "
+                        f"no explicit prompt, and the {key} transcript is the start of the {other} one)"
+                    )
         elif not isinstance(prompt, str):
             raise ValueError("field 'prompt' must be a string")
     for key, val in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
@@ -258,8 +413,9 @@ def normalise_row(row: Any, tokenizer: Any) -> tuple[str, str, str, str | None, 
             val.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ValueError(f"undecodable text in {key!r} ({exc.reason})") from exc
-    if not chosen.strip() or not rejected.strip():
-        raise ValueError("empty response")
+    for key, val in (("chosen", chosen), ("rejected", rejected)):
+        if not val.strip():
+            raise ValueError(f"empty response ({key} is blank)")
     if chosen == rejected:
         raise ValueError("chosen == rejected")
     subset = row.get("subset")
@@ -295,31 +451,123 @@ def load_tokenizer_dir(name_or_path: str | os.PathLike) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(name_or_path))
 
 
-def _eos_to_append(tokenizer: Any) -> int | None:
-    """EOS id appended to responses, unless it equals the pad id (then the last real token would look padded)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return eos if eos is not None and eos != pad else None
+def reward_text(prompt: str, response: str, *, conversational: bool = False) -> str:
+    """The text whose reward is read (the contract): ``prompt + response``.
+
+    A plain-text prompt and response that meet without whitespace (``"w01 w02"`` + ``"w03"``) are joined with one
+    space; conversational rows (``conversational=True``: chat-template renderings) are joined as they are.
+    """
+    if conversational or not prompt or not response or prompt[-1].isspace() or response[0].isspace():
+        return prompt + response
+    return prompt + " " + response
 
 
-def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of the prompt (with the tokenizer's special tokens) and of both responses (+ EOS)."""
-    p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
-    eos = _eos_to_append(tokenizer)
-    out = []
-    for resp in (chosen, rejected):
-        ids = list(tokenizer(resp, add_special_tokens=False)["input_ids"])
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        out.append(ids)
-    return p, out[0], out[1]
+def encode_for_reward(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` under the contract: ``tokenizer(text)["input_ids"]`` with the tokenizer's default
+    special tokens, except that a BOS the text already starts with (a chat template rendering ``bos_token``)
+    is not duplicated. The reward is read at the last of these ids."""
+    ids = list(tokenizer(text)["input_ids"])
+    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos is not None and bos_text and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(bos_text):
+        ids = ids[1:]
+    return ids
 
 
-def truncate(prompt: list[int], response: list[int], max_length: int, max_prompt_length: int):
-    """Keep the end of the prompt (≤ ``max_prompt_length``) and the start of the response (total ≤ ``max_length``)."""
+def policy_eos(tokenizer: Any) -> int | None:
+    """The policy's end-of-response target: the tokenizer's EOS, as a label after the last token (never an input,
+    so the reward position and the export's pad handling are unaffected)."""
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pair(
+    tokenizer: Any, prompt: str, chosen: str, rejected: str, *, conversational: bool = False
+) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, chosen_ids, rejected_ids)`` with ``prompt_ids + chosen_ids`` the contract ids of
+    ``reward_text(prompt, chosen)`` (likewise rejected): each sequence is tokenised as one text, and the prompt is
+    the longest prefix both share with the tokenised prompt (so a token merged across the boundary counts as
+    response). With an empty prompt the prompt ids are the tokenizer's leading special tokens (BOS), if any.
+    """
+    p = encode_for_reward(tokenizer, prompt)
+    texts = [reward_text(prompt, x, conversational=conversational) for x in (chosen, rejected)]
+    full = [encode_for_reward(tokenizer, t) for t in texts]
+    k = min(_common_prefix(f, p) for f in full)
+    if any(len(f) <= k for f in full):
+        raise ValueError("empty response after tokenisation")
+    return full[0][:k], full[0][k:], full[1][k:]
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS/EOS/…, and added tokens marked special, e.g. chat roles)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def leading_specials(ids: list[int], specials: set[int]) -> int:
+    """How many leading ``ids`` are special tokens (kept when the prompt is truncated from the left)."""
+    n = 0
+    while n < len(ids) and ids[n] in specials:
+        n += 1
+    return n
+
+
+def truncate(prompt: list[int], response: list[int], max_length: int, max_prompt_length: int, keep: int = 0):
+    """Keep the first ``keep`` prompt tokens (BOS, a chat template's leading special tokens; at most half of
+    ``max_prompt_length``) and the end of the prompt (≤ ``max_prompt_length`` in all), then the start of the
+    response (total ≤ ``max_length``)."""
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
-    prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
-    return prompt, response[: max_length - len(prompt)]
+    if len(prompt) > max_prompt_length:
+        keep = max(0, min(keep, max_prompt_length, max(1, max_prompt_length // 2)))
+        tail = max_prompt_length - keep
+        prompt = prompt[:keep] + (prompt[len(prompt) - tail :] if tail > 0 else [])
+    return prompt, response[: max(0, max_length - len(prompt))]
+
+
+def encode_reward_input(
+    tokenizer: Any,
+    prompt: str,
+    response: str,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
+    conversational: bool = False,
+) -> list[int]:
+    """The ids whose last token carries the reward of one ``(prompt, response)``, truncated like training."""
+    p, r, _ = tokenize_pair(tokenizer, prompt, response, response, conversational=conversational)
+    p2, r2 = truncate(p, r, max_length, max_prompt_length, keep=leading_specials(p, special_ids(tokenizer)))
+    return p2 + r2
+
+
+def reward_contract(tokenizer: Any, *, max_length: int, max_prompt_length: int) -> dict[str, Any]:
+    """What scoring needs to reproduce training (written as the export's ``haf_reward.json``)."""
+    eos = policy_eos(tokenizer) if tokenizer is not None else None
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "reward_position": "last token of tokenizer(text) with the tokenizer's default special tokens",
+        "text": "prompt + response (one space joins plain texts that meet without whitespace); conversational "
+        "rows: the chat template's rendering of the prompt and response messages",
+        "add_special_tokens": True,
+        "dedupe_bos": True,  # a BOS rendered by the chat template is not doubled by the tokenizer's own
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "max_length": int(max_length),
+        "max_prompt_length": int(max_prompt_length),
+        "truncation": {"prompt": "left, keeping leading special tokens (BOS)", "response": "right"},
+        "policy_eos_appended": eos is not None,
+        "policy_eos_token_id": eos,  # a training target after the last token; never part of the scored input
+        "pad_token_id": getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
+    }
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -339,7 +587,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """Hash of the tokenised content and columns (keys reference-log-prob caches)."""
         h = hashlib.sha256()
         for ex in self.examples:
-            h.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
+            h.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, list(ex.end_labels)]).encode())
         return h.hexdigest()[:16]
 
     @property
@@ -354,8 +602,8 @@ def load_preferences(
     source: str | os.PathLike,
     tokenizer: Any,
     *,
-    max_length: int = 512,
-    max_prompt_length: int = 128,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     split: str = "train",
     skip_bad_rows: bool = False,
     limit: int | None = None,
@@ -363,6 +611,7 @@ def load_preferences(
     """Read, normalise, tokenise and truncate a preference source (see the module docstring)."""
     report = LoadReport(str(source))
     examples: list[PairExample] = []
+    eos, specials = policy_eos(tokenizer), special_ids(tokenizer)
     for row_no, row in read_rows(source, split):
         if limit is not None and len(examples) >= limit:
             break
@@ -372,13 +621,15 @@ def load_preferences(
                 raise row
             try:
                 prompt, chosen, rejected, subset, cols = normalise_row(row, tokenizer)
-                p, c, r = tokenize_pair(tokenizer, prompt, chosen, rejected)
+                chat = isinstance(row, dict) and _is_messages(row.get("chosen")) and _is_messages(row.get("rejected"))
+                p, c_full, r_full = tokenize_pair(tokenizer, prompt, chosen, rejected, conversational=chat)
             except BadRowError:
                 raise
             except (ValueError, TypeError, KeyError) as exc:
                 raise BadRowError(f"{source}: row {row_no}: {exc}") from exc
-            pc, c = truncate(p, c, max_length, max_prompt_length)
-            _, r = truncate(p, r, max_length, max_prompt_length)
+            keep = leading_specials(p, specials)
+            pc, c = truncate(p, c_full, max_length, max_prompt_length, keep=keep)
+            _, r = truncate(p, r_full, max_length, max_prompt_length, keep=keep)
             if c == r:
                 raise BadRowError(f"{source}: row {row_no}: chosen == rejected after tokenisation/truncation")
         except BadRowError as exc:
@@ -389,8 +640,16 @@ def load_preferences(
             if len(report.examples) < 5:
                 report.examples.append(str(exc))
             continue
-        examples.append(PairExample(pc, c, r, index=len(examples), subset=subset, columns=cols))
+        ends = tuple(
+            eos if eos is not None and len(kept) == len(whole) and whole[-1] != eos else None
+            for kept, whole in ((c, c_full), (r, r_full))
+        )
+        examples.append(
+            PairExample(pc, c, r, len(examples), subset, cols, source_row=row_no, end_labels=ends)  # type: ignore[arg-type]
+        )
         report.n_kept += 1
+        report.truncated_prompts += len(pc) < len(p)
+        report.truncated_responses += (len(c) < len(c_full)) + (len(r) < len(r_full))
     if not examples:
         raise ValueError(f"{source}: no usable rows ({report.summary()})")
     return PreferenceDataset(examples, report)
@@ -400,24 +659,33 @@ def load_preferences(
 def collate_pairs(
     examples: list[PairExample], pad_token_id: int, ignore_index: int = -100, pad_to_multiple_of: int = 1
 ) -> PairBatch:
-    """Right-padded ``[2B, T]`` batch: chosen rows then rejected rows; labels mask prompt and padding."""
+    """Right-padded ``[2B, T]`` batch: chosen rows then rejected rows; labels mask prompt and padding.
+
+    The response's EOS target (``end_labels``) is the label of its last position: the hidden state of the last
+    token predicts it, and the token itself is never an input (the reward stays at the last real token).
+    """
     seqs = [ex.prompt_ids + ex.chosen_ids for ex in examples] + [ex.prompt_ids + ex.rejected_ids for ex in examples]
     n_prompt = [len(ex.prompt_ids) for ex in examples] * 2
+    ends = [ex.end_labels[0] for ex in examples] + [ex.end_labels[1] for ex in examples]
     t = max(len(s) for s in seqs)
     t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(seqs), t), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
     labels = torch.full((len(seqs), t), ignore_index, dtype=torch.long)
-    for i, (s, np_) in enumerate(zip(seqs, n_prompt)):
+    for i, (s, np_, end) in enumerate(zip(seqs, n_prompt, ends)):
         n = len(s)
         ids[i, :n] = torch.tensor(s, dtype=torch.long)
         mask[i, :n] = 1
         start = max(np_ - 1, 0)  # hidden at t predicts token t+1; first target is the first response token
         if n - 1 > start:
             labels[i, start : n - 1] = ids[i, start + 1 : n]
+        if end is not None and n > np_:
+            labels[i, n - 1] = end
     names = sorted({k for ex in examples for k in ex.columns})
     columns = {
         k: torch.tensor([ex.columns.get(k, float("nan")) for ex in examples], dtype=torch.float32) for k in names
     }
     index = torch.tensor([ex.index for ex in examples], dtype=torch.long)
-    return PairBatch(ids, mask, labels, index, columns, [ex.subset for ex in examples])
+    return PairBatch(
+        ids, mask, labels, index, columns, [ex.subset for ex in examples], [ex.source_row for ex in examples]
+    )

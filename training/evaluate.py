@@ -73,11 +73,14 @@ def evaluate(
     autocast: Any,
     backend: str = "auto",
     amp_dtype: torch.dtype | None = None,
+    rows_out: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Metrics over ``dataset`` (sharded over ranks, gathered): overall and per ``subset``.
 
     ``model`` is the (possibly DDP/FSDP-wrapped) training model; ``reference`` a ``ReferenceLogps``.
-    Returns an empty dict on ranks other than 0.
+    Returns an empty dict on ranks other than 0. ``rows_out`` (rank 0): extended with one record per pair,
+    ``{"row", "reward_chosen", "reward_rejected", "reward_margin", "implicit_margin", ...}`` (``row``: the pair's
+    1-based row in its source file), the rewards read under the reward contract like ``haf-score``.
     """
     from .reference import seq_logprobs_fn
 
@@ -104,13 +107,17 @@ def evaluate(
             rs, rc = ref
             pol = pol - (rs / rc.clamp_min(1) if averaged else rs)
         d = (pol[:b] - pol[b:]).float().cpu()
-        rmargin = (rewards[:b] - rewards[b:]).float().cpu()
+        rewards = rewards.float().cpu()
+        rmargin = rewards[:b] - rewards[b:]
         if not real:
             continue
         tc, tr = batch.columns.get("true_reward_chosen"), batch.columns.get("true_reward_rejected")
         for k in range(b):
             records.append(
                 {
+                    "row": batch.source_rows[k] if batch.source_rows else None,
+                    "reward_chosen": float(rewards[k]),
+                    "reward_rejected": float(rewards[b + k]),
                     "reward_margin": float(rmargin[k]),
                     "implicit_margin": float(beta * d[k]),
                     "subset": batch.subsets[k],
@@ -122,6 +129,8 @@ def evaluate(
     if not info.is_main:
         return {}
     rows = [r for part in gathered for r in part]
+    if rows_out is not None:
+        rows_out.extend(rows)
     metrics = pair_metrics(rows)
     subsets = sorted({r["subset"] for r in rows if r["subset"] is not None})
     for s in subsets:

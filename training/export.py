@@ -1,19 +1,29 @@
 """Export a trained ``HafRewardModel`` as ``AutoModelForSequenceClassification`` (num_labels=1) + the policy LM.
 
 Layout of ``out_dir``: the sequence classifier and tokenizer at the top (``from_pretrained(out_dir)``, as
-TRL / RewardBench-style scorers expect), the policy causal LM under ``out_dir/policy``. The classifier's
-``score`` is the reward head; ``pad_token_id`` is set so it reads the last non-pad token, like the trainer.
+TRL / RewardBench-style scorers expect), ``haf_reward.json`` (the reward contract: lengths, truncation, template
+use, the policy's EOS target; ``training.data.reward_contract``) next to ``config.json``, and the policy causal
+LM under ``out_dir/policy``. The classifier's ``score`` is the reward head; ``pad_token_id`` is the tokenizer's
+(``None`` without a pad token), so HF reads the last real token: the trainer's reward position, since the trainer
+never feeds an appended EOS or pad as input. Scoring the export the standard way,
+``model(**tokenizer(prompt + response, return_tensors="pt")).logits[0, 0]``, gives the trainer's reward.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .data import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, encode_for_reward, reward_contract
 from .model import HafRewardModel
+
+CONTRACT_FILE = "haf_reward.json"
+_KEEP = object()
 
 
 def merged_causal_lm(model: HafRewardModel) -> torch.nn.Module:
@@ -24,15 +34,18 @@ def merged_causal_lm(model: HafRewardModel) -> torch.nn.Module:
     return lm
 
 
-def to_sequence_classifier(model: HafRewardModel, pad_token_id: int | None) -> torch.nn.Module:
-    """Build the ``AutoModelForSequenceClassification`` carrying the decoder body and the reward head."""
+def to_sequence_classifier(model: HafRewardModel, pad_token_id: Any = _KEEP) -> torch.nn.Module:
+    """Build the ``AutoModelForSequenceClassification`` carrying the decoder body and the reward head.
+
+    ``pad_token_id``: the tokenizer's (``None`` clears a pad id the model config may carry, which HF would
+    otherwise skip at the end of a sequence); omitted: the model config's."""
     from transformers import AutoModelForSequenceClassification
 
     lm = merged_causal_lm(model)
     config = copy.deepcopy(lm.config)
     config.num_labels = 1
     config.architectures = None
-    if pad_token_id is not None:
+    if pad_token_id is not _KEEP:
         config.pad_token_id = pad_token_id
         text_cfg = getattr(config, "text_config", None)
         if text_cfg is not None:
@@ -55,12 +68,31 @@ def to_sequence_classifier(model: HafRewardModel, pad_token_id: int | None) -> t
     return seq.eval()
 
 
-def export_pretrained(model: HafRewardModel, tokenizer: Any, out_dir: str | Path) -> Path:
-    """``save_pretrained`` the sequence classifier (+ tokenizer) at ``out_dir``, the policy LM at ``out_dir/policy``."""
+def export_pretrained(
+    model: HafRewardModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
+) -> Path:
+    """``save_pretrained`` the sequence classifier (+ tokenizer, + ``haf_reward.json``) at ``out_dir``, the policy
+    LM at ``out_dir/policy``. ``max_length`` / ``max_prompt_length``: the training lengths (haf-score reads them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seq = to_sequence_classifier(model, getattr(tokenizer, "pad_token_id", None))
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else _KEEP
+    seq = to_sequence_classifier(model, pad)
     seq.save_pretrained(out)
+    contract = reward_contract(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    (out / CONTRACT_FILE).write_text(json.dumps(contract, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None and pad is not None:
+        ends = encode_for_reward(tokenizer, "a")
+        if ends and ends[-1] == pad:  # the tokenizer appends its pad id (e.g. EOS == pad): HF would skip it
+            warnings.warn(
+                f"the tokenizer ends every sequence with its pad token (id {pad}): AutoModelForSequenceClassification "
+                "reads the reward before it, haf-score at it; give the tokenizer a distinct pad token",
+                stacklevel=2,
+            )
     policy = merged_causal_lm(model)
     policy.save_pretrained(out / "policy")
     if tokenizer is not None:

@@ -189,13 +189,29 @@ def build_causal_lm(
     return model.to(dtype) if dtype is not None else model
 
 
-def apply_lora(model: HafRewardModel, r: int, alpha: int, target_modules: list[str] | str, dropout: float = 0.0):
-    """Wrap the causal LM with a peft LoRA adapter; the reward head stays fully trainable, the LM head frozen."""
+def apply_lora(
+    model: HafRewardModel, r: int, alpha: int, target_modules: list[str] | str | None = "auto", dropout: float = 0.0
+):
+    """Wrap the causal LM with a peft LoRA adapter; the reward head stays fully trainable, the LM head frozen.
+
+    ``target_modules``: module names, or ``"auto"`` / ``"mlp"`` / ``"all-linear"`` resolved for the model's
+    architecture (``training.lora``); the resolved names are kept as ``model.lora_target_modules``.
+    """
     from peft import LoraConfig, get_peft_model
 
-    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
+    from .lora import resolve_lora_targets, targets_are_conv1d
+
+    targets = resolve_lora_targets(model.causal_lm, target_modules)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=dropout,
+        bias="none",
+        fan_in_fan_out=targets_are_conv1d(model.causal_lm, targets),  # GPT-2 style Conv1D stores W transposed
+    )
     model.causal_lm = get_peft_model(model.causal_lm, cfg)
+    model.lora_target_modules = targets
     for p in model.reward_head.parameters():
         p.requires_grad_(True)
     return model

@@ -93,8 +93,13 @@ class ReferenceLogps:
         path = Path(cache_dir) / f"ref_logps_{key}.pt"
         self.cache_path = path
         if path.exists():
-            self.tables = torch.load(path, map_location="cpu")
-            return
+            from .checkpoint import CheckpointError
+
+            try:
+                self.load_cache(path)
+                return
+            except CheckpointError as exc:  # torn, corrupted or unsafe: never unpickled; recomputed below
+                print(f"[haf-train] warning: {exc}; recomputing it")
         was_training = model.training
         model.eval()
         for split, ds in datasets.items():
@@ -115,10 +120,24 @@ class ReferenceLogps:
             self.tables[split] = (sums, counts)
         model.train(was_training)
         if write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.tables, tmp)
-            os.replace(tmp, path)
+            from .checkpoint import save_atomic
+
+            save_atomic(self.tables, path)  # tensors only: loads with weights_only=True; no .tmp left on error
+
+    def load_cache(self, path: str | os.PathLike) -> None:
+        """Tables of a cache file written by ``precompute`` (``torch.load(weights_only=True)``: data, never code)."""
+        from .checkpoint import CheckpointError, load_safe
+
+        path = Path(path)
+        tables = load_safe(path, what="reference log-prob cache")
+        ok = isinstance(tables, dict) and all(
+            isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, torch.Tensor) for t in v)
+            for v in tables.values()
+        )
+        if not ok:
+            raise CheckpointError(f"{path}: not a reference log-prob cache (expected split -> (sums, counts))")
+        self.tables = {k: (v[0], v[1]) for k, v in tables.items()}
+        self.cache_path = path
 
     # ------------------------------------------------------------------ lookup
     @torch.no_grad()

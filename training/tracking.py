@@ -4,8 +4,43 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
+
+
+class MetricsFileError(UserError, ValueError):
+    """A ``metrics.jsonl`` that cannot be read: names the file and the line."""
+
+
+def read_metrics(path: str | Path, *, warn=print) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``.
+
+    A torn last line (a run killed mid-write) is dropped with a warning; any other line that is not a JSON
+    object with a ``step`` is a ``MetricsFileError`` naming the file and the line.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    out: list[dict[str, Any]] = []
+    for i, raw in enumerate(lines[: last + 1]):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            if i == last:
+                warn(f"[haf-train] warning: {path}: line {i + 1} is incomplete (a run killed mid-write?); dropped")
+                break
+            raise MetricsFileError(
+                f"{path}: line {i + 1} is corrupted ({exc}); delete or fix that line (later lines are kept)"
+            ) from None
+        out.append(rec)
+    return out
 
 
 class MetricsLogger:
@@ -26,9 +61,13 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in kept if r["step"] <= resume_step and r.get("split") != "final"]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step and r.get("split") != "final"]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            try:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+                os.replace(tmp, self.path)  # a kill while rewriting never loses the history
+            finally:
+                tmp.unlink(missing_ok=True)
             self.history = kept
         elif self.path.exists():
             self.path.unlink()
@@ -56,6 +95,19 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+EVAL_KEYS = ("reward_accuracy", "implicit_accuracy", "reward_margin", "implicit_margin", "reward_ece", "n_pairs")
+
+
+def format_metrics(step: int, split: str, metrics: dict[str, Any], keys: tuple[str, ...] = EVAL_KEYS) -> str:
+    """One stdout line of (evaluation) metrics: ``[haf-train] step 50 eval: reward_accuracy 0.8125, ...``."""
+    parts = []
+    for k in keys:
+        v = metrics.get(k)
+        if isinstance(v, (int, float)):
+            parts.append(f"{k} {int(v)}" if k == "n_pairs" else f"{k} {v:.4f}")
+    return f"[haf-train] step {step} {split}: " + ", ".join(parts)
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path | None:

@@ -21,8 +21,12 @@ switched on by config fields: ``prepare_method_data`` rewrites the data, ``metho
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +38,43 @@ from haf_kernels import fused_haf_loss
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences
 from .evaluate import evaluate
 from .model import HafRewardModel, RewardModelOutput, apply_lora, build_causal_lm, frozen_copy
 from .reference import ReferenceLogps, for_loss
-from .tracking import MetricsLogger, plot_curves
+from .tracking import MetricsLogger, format_metrics, plot_curves
+
+BASE_DIR = "base_model"  # <run_dir>/base_model: the base LM's config.json and the tokenizer (self-contained runs)
+DATA_KEYS = ("train_data", "eval_data", "metarm_data")  # fingerprinted into checkpoints (size, mtime, sha256)
+# keys that may change on --resume: how far to train, how often to log/eval/save, reporting, where it runs
+SAFE_ON_RESUME = frozenset(
+    {
+        "resume",
+        "max_steps",
+        "epochs",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "eval_batch_size",
+        "progress",
+        "tensorboard",
+        "plots",
+        "export",
+        "debug_step_sleep",
+        "num_threads",
+        "run_dir",
+        "device",
+        "distributed",
+        "ref_cache_dir",
+        "nonfinite",
+        "nonfinite_max_skips",
+    }
+)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped training (or non-finite weights stopped a checkpoint)."""
 
 
 @dataclass
@@ -69,15 +104,22 @@ class StepState:
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
-def load_tokenizer(cfg: TrainConfig):
-    """The synthetic task's word-level tokenizer (``"synthetic"``) or ``AutoTokenizer`` (pad set if missing)."""
+def load_tokenizer(cfg: TrainConfig, saved: str | Path | None = None):
+    """The synthetic task's word-level tokenizer (``"synthetic"``) or ``AutoTokenizer`` (pad set if missing).
+
+    ``saved``: a run's ``base_model`` folder, used when ``cfg.tokenizer`` / ``cfg.model`` is not a local folder
+    (moved, deleted, or a hub name) and the run saved a copy.
+    """
     if cfg.tokenizer == "synthetic":
         from .synthetic import SyntheticTask
 
         return SyntheticTask().tokenizer()
     from .data import load_tokenizer_dir
 
-    tok = load_tokenizer_dir(cfg.tokenizer or cfg.model)
+    source = cfg.tokenizer or cfg.model
+    if saved is not None and not Path(source).exists() and (Path(saved) / "tokenizer_config.json").exists():
+        source = str(saved)
+    tok = load_tokenizer_dir(source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
@@ -85,7 +127,10 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def load_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreferenceDataset, PreferenceDataset]:
-    """Train and held-out datasets; without ``eval_data`` a seeded ``eval_fraction`` of train is held out."""
+    """Train and held-out datasets; without ``eval_data`` a seeded ``eval_fraction`` of train is held out.
+
+    ``PairExample.index`` is renumbered within each split (it indexes reference caches); ``source_row``, the pair's
+    row in its file, is kept, so evaluation and ``haf-score`` report file rows."""
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
     train = load_preferences(cfg.train_data, tokenizer, split=cfg.train_split, limit=cfg.max_train_rows or None, **kw)
     if cfg.eval_data:
@@ -168,13 +213,25 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Train a HaF reward model; returns the final metrics (on rank 0; ``{}`` on other ranks)."""
     from .methods.integration import method_hooks, prepare_method_data
 
-    cfg = prepare_method_data(cfg.validate())
+    cfg.validate(need_data=True)  # every problem at once, before any work
+    data_fp = {k: ckpt.data_fingerprint(getattr(cfg, k)) for k in DATA_KEYS if getattr(cfg, k)}
+    user_cfg = cfg.to_dict()
+    # checkpoint.pt (no weights) or None; refuses incoherent changes; rebuilt: the base model is gone, so the
+    # model is built from the run's saved config (its weights all come from the checkpoint)
+    resume, rebuilt = resume_state(cfg, data_fp)
+    cfg = prepare_method_data(cfg)
     hooks = hooks or TrainHooks()
     t_start = time.time()
 
     # ---- processes, device, precision, seeds
     info = D.setup(cfg.device, cfg.distributed)
     device = info.device
+    per_step = cfg.micro_batch_size * info.world_size
+    if cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} must be a multiple of micro_batch_size × world "
+            f"({cfg.micro_batch_size} × {info.world_size})"
+        )
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
@@ -185,33 +242,39 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = print if info.is_main else (lambda *a, **k: None)
+    for warning in cfg.warnings():
+        log(f"[haf-train] warning: {warning}")
+    base_dir = run_dir / BASE_DIR
 
     # ---- data
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg, base_dir if resume is not None else None)
     hooks = method_hooks(cfg, tokenizer, hooks)
     if hooks.forward_params is not None and info.world_size > 1:
         raise ValueError("forward_params (MetaRM) runs single-process only")
     train_ds, eval_ds = load_data(cfg, tokenizer)
     log(f"[haf-train] {train_ds.report.summary()}; train {len(train_ds)} / eval {len(eval_ds)} pairs")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    per_step = cfg.micro_batch_size * info.world_size
-    if cfg.batch_size % per_step:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size × world "
-            f"({cfg.micro_batch_size} × {info.world_size})"
-        )
     accum = cfg.batch_size // per_step
     steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
     # ---- model and reference (the reference sees the initial weights, also when resuming)
-    model = build_model(cfg, tokenizer).to(device)
+    ckpt_weights = ckpt.load_model_state(run_dir, resume) if resume is not None else None
+    model = build_run_model(cfg, tokenizer, run_dir, ckpt_weights, rebuild=rebuilt)
+    model = model.to(device)
+    if info.is_main and not rebuilt:
+        try:
+            save_base(model, tokenizer, base_dir)
+        except Exception as exc:  # the run still trains; it just needs the base model folder later
+            log(f"[haf-train] warning: could not save the base model's config/tokenizer into {base_dir}: {exc}")
     if hooks.on_model is not None:
         hooks.on_model(model, cfg)
     mode = cfg.reference_mode
     reference = ReferenceLogps(mode, backend=cfg.backend, amp_dtype=amp_dtype)
     if mode == "copy":
         reference.ref_model = frozen_copy(model)
+    elif mode == "precomputed" and rebuilt:  # the base model is gone: the cache recorded by the checkpoint
+        reference.load_cache(_recorded_path(resume.get("reference_cache"), run_dir))
     elif mode == "precomputed":
         key = {
             k: v
@@ -238,15 +301,9 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
 
     # ---- resume: model weights before wrapping, optimiser/scheduler/RNG after building them
     ckpt_path = run_dir / ckpt.CHECKPOINT
-    state = ckpt.load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
-    if state is not None:
-        ignore = {"resume", "max_steps", "debug_step_sleep", "progress", "num_threads", "run_dir", "eval_every"}
-        now = cfg.to_dict()
-        changed = sorted(k for k, v in state["config"].items() if k not in ignore and not _same(now.get(k), v))
-        if changed:
-            log(f"[haf-train] warning: resuming with a config that differs from the checkpoint's in {changed}")
+    state = None if resume is None else dict(resume, model=ckpt_weights)
     if state is not None and info.mode != "fsdp":
-        model.load_state_dict(state["model"])
+        model.load_state_dict(ckpt_weights)
 
     # ---- wrap (DDP / FSDP2), optimiser, schedule
     wrapped = D.wrap(model, info, find_unused_parameters=cfg.alpha == 0 or hooks.aux_loss is not None)
@@ -269,12 +326,15 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         ckpt.set_rng_state(state["rng"])
         start_step = state["step"]
         log(f"[haf-train] resumed from {ckpt_path} at step {start_step}")
-    del state
+    del state, ckpt_weights
     logger = MetricsLogger(
-        run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard, resume_step=start_step if cfg.resume else None
+        run_dir,
+        enabled=info.is_main,
+        tensorboard=cfg.tensorboard,
+        resume_step=start_step if resume is not None else None,
     )
     if info.is_main:
-        (run_dir / "config.json").write_text(__import__("json").dumps(cfg.to_dict(), indent=2))
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     def run_eval(step: int, split: str) -> dict[str, float]:
         metrics = evaluate(
@@ -293,13 +353,28 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
             amp_dtype=amp_dtype,
         )
         logger.log(step, split, metrics)
+        if metrics:  # rank 0: eval metrics on stdout too (tqdm-safe), not only in metrics.jsonl
+            line = format_metrics(step, split, metrics)
+            progress.write(line) if progress is not None and not progress.disable else log(line)
         return metrics
 
+    ref_cache = _relative(reference.cache_path, run_dir)
+
     def save(step: int) -> None:
+        check_finite_weights(model, info, step)  # never write a checkpoint with non-finite weights
         payload = _gather_state(wrapped, model, optimizer, info)
         if info.is_main:
-            payload.update(step=step, config=cfg.to_dict(), scheduler=scheduler.state_dict(), rng=ckpt.rng_state())
-            ckpt.save_atomic(payload, ckpt_path)
+            state = dict(
+                step=step,
+                config=cfg.to_dict(),
+                user_config=user_cfg,
+                data=data_fp,
+                reference_cache=ref_cache,
+                optimizer=payload["optimizer"],
+                scheduler=scheduler.state_dict(),
+                rng=ckpt.rng_state(),
+            )
+            ckpt.save(run_dir, payload["model"], state)
         D.barrier(info)
 
     # ---- the loop
@@ -312,12 +387,19 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     model.train()
     sums: dict[str, torch.Tensor] = {}
     n_acc = 0
-    t_log = time.time()
+    n_tokens = 0  # non-padding input tokens of this rank in the current log window
+    t_log, window_start = time.time(), start_step  # the window's wall clock excludes eval / checkpoint time
+    streak = skipped = 0  # consecutive / windowed steps whose update was skipped (nonfinite: skip)
+    good_grad_norm = torch.full((), float("nan"))
     for step in range(start_step, max_steps):
         idx = step_indices(step, len(train_ds), cfg, cfg.seed)
+        step_sums: dict[str, torch.Tensor] = {}
+        micro_losses = torch.zeros(accum, device=device)
         for micro in range(accum):
             lo = (micro * info.world_size + info.rank) * cfg.micro_batch_size
-            batch = collate_pairs([train_ds[i] for i in idx[lo : lo + cfg.micro_batch_size]], pad_id).to(device)
+            batch = collate_pairs([train_ds[i] for i in idx[lo : lo + cfg.micro_batch_size]], pad_id)
+            n_tokens += int(batch.attention_mask.sum())  # on the CPU batch: no device sync
+            batch = batch.to(device)
             with autocast():
                 ref = for_loss(reference(batch, "train", model=wrapped, raw=model), averaged)
             margin, weights = pair_terms(batch, cfg)
@@ -361,6 +443,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                         model, fast, (batch.input_ids, batch.attention_mask), {"compute": compute}
                     )
             (loss / accum).backward()
+            micro_losses[micro] = loss.detach().float()
             for k, v in (
                 ("loss", loss),
                 ("reward_loss", res.reward_loss),
@@ -370,11 +453,31 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                 ("aux_loss", aux),
             ):
                 if v is not None:
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-            n_acc += 1
+                    step_sums[k] = step_sums.get(k, 0.0) + v.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-        optimizer.step()
-        scheduler.step()
+        flags = nonfinite_flags(micro_losses, grad_norm, info)  # the loop's one host sync per optimiser step
+        if flags is None:
+            optimizer.step()
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_acc += accum
+            streak, good_grad_norm = 0, grad_norm
+        else:
+            what = nonfinite_message(step + 1, micro_losses, grad_norm, flags, info)
+            if cfg.nonfinite == "stop" or streak >= cfg.nonfinite_max_skips:
+                if progress is not None:
+                    progress.close()
+                last = f"the last checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+                why = "" if cfg.nonfinite == "stop" else f" after {streak} consecutive skipped steps"
+                raise NonFiniteError(
+                    f"{what}; training stopped{why} before the optimiser step (weights unchanged; {last}). "
+                    "Lower lr, set grad_clip, check the data, or use --nonfinite skip to drop such updates"
+                )
+            streak, skipped = streak + 1, skipped + 1
+            log(f"[haf-train] warning: {what}; update skipped ({streak} in a row, at most {cfg.nonfinite_max_skips})")
+        with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()  # a skipped step still counts: the schedule and the data order follow the step index
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if cfg.debug_step_sleep:
@@ -383,27 +486,38 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
             hooks.on_step_end(StepState(done, wrapped, model, optimizer, cfg, info))
 
         if done % cfg.log_every == 0 or done == max_steps:  # the only host syncs of the loop
-            vec = torch.stack([sums[k] for k in sorted(sums)]) / n_acc
+            vec = torch.stack([sums[k] for k in sorted(sums)]) / n_acc if sums else torch.zeros(0, device=device)
+            vec = torch.cat([vec, vec.new_tensor([float(n_tokens)])])
             vec = D.all_reduce_mean(vec, info).tolist()
-            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            window_tokens = vec.pop() * info.world_size  # all ranks' tokens of the window
+            window_s = max(time.time() - t_log, 1e-9)
+            gn = good_grad_norm.full_tensor() if hasattr(good_grad_norm, "full_tensor") else good_grad_norm
             metrics = dict(zip(sorted(sums), vec))
+            if cfg.nonfinite == "skip":
+                metrics["skipped_steps"] = skipped
             metrics.update(
                 grad_norm=float(gn),
                 lr=scheduler.get_last_lr()[0],
-                pairs_per_s=cfg.batch_size * cfg.log_every / max(time.time() - t_log, 1e-9),
+                pairs_per_s=cfg.batch_size * (done - window_start) / window_s,  # the window's steps, not log_every
+                tokens_per_s=window_tokens / window_s,
             )
             logger.log(done, "train", metrics)
-            if progress is not None:
+            if progress is not None and "loss" in metrics:
                 progress.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     acc=f"{metrics['reward_accuracy']:.3f}",
                     iacc=f"{metrics['implicit_accuracy']:.3f}",
                 )
-            sums, n_acc, t_log = {}, 0, time.time()
+            sums, n_acc, n_tokens, t_log, window_start = {}, 0, 0, time.time(), done
+            skipped = 0
         if cfg.eval_every and done % cfg.eval_every == 0 and done < max_steps:
+            t_pause = time.time()
             run_eval(done, "eval")
+            t_log += time.time() - t_pause
         if cfg.save_every and done % cfg.save_every == 0 and done < max_steps:
+            t_pause = time.time()
             save(done)
+            t_log += time.time() - t_pause
         if progress is not None:
             progress.update(1)
     if progress is not None:
@@ -416,7 +530,9 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         if cfg.export:
             from .export import export_pretrained
 
-            export_pretrained(model, tokenizer, run_dir / "export")
+            export_pretrained(
+                model, tokenizer, run_dir / "export", max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+            )
         logger.close()
         if cfg.plots:
             plot_curves(logger.history, run_dir / "curves.png")
@@ -427,6 +543,186 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
 
 def _same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def resume_state(cfg: TrainConfig, data_fp: dict[str, dict[str, Any]]) -> tuple[dict[str, Any] | None, bool]:
+    """``(checkpoint state without the weights, rebuild)`` to resume from, or ``(None, False)`` to start fresh.
+
+    ``cfg.resume``: ``False`` starts fresh; ``True`` needs ``<run_dir>/checkpoint.pt``; ``"auto"`` resumes when it
+    exists. Refuses (``ConfigError``, one line per key) a config or data change that would make the run
+    incoherent; only the keys of ``SAFE_ON_RESUME`` may change. ``rebuild``: the base model folder is gone, so
+    the model is built from the run's saved config (``base_model/``); refused when the reference needs the base
+    model's initial weights.
+    """
+    run_dir = Path(cfg.run_dir)
+    path = run_dir / ckpt.CHECKPOINT
+    if not cfg.resume or (cfg.resume == "auto" and not path.exists()):
+        return None, False
+    if not path.exists():
+        raise ConfigError(f"resume: no checkpoint to resume from at {path}: drop --resume, or use --resume auto")
+    state = ckpt.load_state(path)
+    old = state.get("user_config") or state["config"]
+    now = cfg.to_dict()
+    defaults = type(cfg)().to_dict()
+    problems = []
+    for key, value in now.items():
+        before = old.get(key, defaults.get(key))
+        if key not in SAFE_ON_RESUME and not _same(before, value):
+            problems.append(f"{key}: {before!r} in the checkpoint, {value!r} now")
+    for key, fp in data_fp.items():
+        was = (state.get("data") or {}).get(key) or {}
+        if was.get("path") == fp.get("path") and was.get("sha256") and was["sha256"] != fp.get("sha256"):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fp.get("mtime", 0)))
+            problems.append(
+                f"{key}: {fp['path']} changed since the checkpoint (size {was.get('size')} -> {fp.get('size')} "
+                f"bytes, modified {when}, sha256 {was['sha256'][:12]} -> {str(fp.get('sha256'))[:12]})"
+            )
+    if problems:
+        allowed = ", ".join(sorted(SAFE_ON_RESUME - {"resume"}))
+        raise ConfigError(
+            problems,
+            header=f"cannot resume {path} (step {state['step']}): changed since the checkpoint",
+            hint=f"start a new run (another --run_dir) or restore the checkpoint's values; may change on resume: "
+            f"{allowed}",
+        )
+    return state, _rebuild_for_resume(cfg, run_dir, state)
+
+
+def _base_gone(cfg: TrainConfig) -> bool:
+    """The config names a pretrained model that is not a local folder (moved, deleted, or a hub name)."""
+    return bool(cfg.model) and not Path(cfg.model).expanduser().exists()
+
+
+def _rebuild_for_resume(cfg: TrainConfig, run_dir: Path, state: dict[str, Any]) -> bool:
+    from .config import _looks_local
+
+    if not _base_gone(cfg):
+        return False
+    saved = (run_dir / BASE_DIR / "config.json").exists()
+    mode = cfg.reference_mode
+    cache = _recorded_path(state.get("reference_cache"), run_dir)
+    needs_base = mode == "copy" or (mode == "precomputed" and (cache is None or not cache.exists()))
+    if not _looks_local(cfg.model) and (needs_base or not saved):
+        return False  # a hub name: from_pretrained (its cache or the network) gives the initial weights
+    if not saved:
+        raise ConfigError(
+            f"model: {cfg.model!r} not found, and {run_dir} has no saved copy of its config and tokenizer "
+            f"({BASE_DIR}/, written by newer haf-train): restore the model folder to resume"
+        )
+    if mode == "copy":
+        raise ConfigError(
+            f"reference: 'copy' needs the initial weights of the base model {cfg.model!r}, which is not found: "
+            "restore it to resume (runs with reference lora, precomputed or none resume from the run directory alone)"
+        )
+    if needs_base:
+        raise ConfigError(
+            f"reference: the precomputed reference log-probs ({cache}) are gone and so is the base model "
+            f"{cfg.model!r} that computes them: restore either to resume"
+        )
+    return True
+
+
+def _recorded_path(value: str | None, run_dir: Path) -> Path | None:
+    if not value:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else run_dir / p
+
+
+def _relative(path: str | Path | None, run_dir: Path) -> str | None:
+    """``path`` relative to the run directory when inside it (the run directory may move), else absolute."""
+    if path is None:
+        return None
+    p, root = Path(path).resolve(), run_dir.resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
+def build_run_model(
+    cfg: TrainConfig,
+    tokenizer: Any,
+    run_dir: str | Path,
+    weights: dict[str, torch.Tensor] | None = None,
+    *,
+    rebuild: bool = False,
+) -> HafRewardModel:
+    """``build_model``, or (``rebuild``) the same architecture from the run's saved ``base_model/config.json``
+    with the dtypes of ``weights`` (which then replace every parameter): no base model folder needed."""
+    if not rebuild:
+        return build_model(cfg, tokenizer)
+    base = json.loads((Path(run_dir) / BASE_DIR / "config.json").read_text(encoding="utf-8"))
+    model_type = base.pop("model_type")
+    model = build_model(cfg.replace(model="", model_type=model_type, model_config=base), tokenizer)
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        w = (weights or {}).get(name)
+        if w is not None and t.is_floating_point() and w.dtype != t.dtype:
+            t.data = t.data.to(w.dtype)
+    return model
+
+
+def save_base(model: HafRewardModel, tokenizer: Any, base_dir: str | Path) -> Path:
+    """The base LM's ``config.json`` and the tokenizer into ``<run_dir>/base_model`` (the run scores and resumes
+    after the base model folder is moved or deleted)."""
+    import shutil
+
+    base_dir = Path(base_dir)
+    tmp = base_dir.with_name(base_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.config.save_pretrained(tmp)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(base_dir, ignore_errors=True)
+        os.replace(tmp, base_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return base_dir
+
+
+# ---------------------------------------------------------------------------------------------- non-finite guard
+def nonfinite_flags(micro_losses: torch.Tensor, grad_norm: torch.Tensor, info: D.DistInfo) -> tuple[bool, bool] | None:
+    """``None`` when every micro-batch loss and the gradient norm are finite on every rank, else
+    ``(loss_bad, grad_bad)``: one small all-reduce and one host sync."""
+    gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    flags = torch.stack([(~torch.isfinite(micro_losses)).any(), ~torch.isfinite(gn.to(micro_losses.device))])
+    loss_bad, grad_bad = (D.all_reduce_mean(flags.float(), info) > 0).tolist()
+    return (loss_bad, grad_bad) if loss_bad or grad_bad else None
+
+
+def nonfinite_message(
+    step: int, micro_losses: torch.Tensor, grad_norm: torch.Tensor, flags: tuple[bool, bool], info: D.DistInfo
+) -> str:
+    """Where the non-finite value is: step, micro-batch(es) and loss, or the gradient."""
+    losses = micro_losses.tolist()
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    rank = f" on rank {info.rank}" if info.world_size > 1 else ""
+    if bad:
+        where = ", ".join(f"micro-batch {i + 1} of {len(losses)} (loss {losses[i]})" for i in bad[:4])
+        return f"step {step}: non-finite loss in {where}{rank}"
+    if flags[0]:
+        return f"step {step}: non-finite loss on another rank"
+    gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return f"step {step}: non-finite gradient (norm {float(gn)}) with finite losses in all {len(losses)} micro-batches"
+
+
+def check_finite_weights(model: torch.nn.Module, info: D.DistInfo, step: int) -> None:
+    """``NonFiniteError`` (on every rank) when a parameter or buffer holds NaN/Inf: such weights are never saved."""
+    named = [
+        (n, t.to_local() if hasattr(t, "to_local") else t)
+        for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    ]
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named])
+    any_bad = D.all_reduce_mean((~ok).any().float().reshape(1), info)
+    if float(any_bad) > 0:
+        names = [n for (n, _), good in zip(named, ok.tolist()) if not good]
+        raise NonFiniteError(
+            f"step {step}: refusing to write a checkpoint: non-finite values in {names[:3] or 'another rank'}"
+            f"{' and more' if len(names) > 3 else ''}; the previous checkpoint (if any) is kept"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- state (FSDP-aware)
@@ -453,11 +749,25 @@ def _set_fsdp_state(wrapped: torch.nn.Module, optimizer, state: dict[str, Any]) 
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[HafRewardModel, Any, TrainConfig]:
-    """``(model, tokenizer, config)`` of a finished run directory (from its checkpoint)."""
-    state = ckpt.load(Path(run_dir) / ckpt.CHECKPOINT)
+    """``(model, tokenizer, config)`` of a run directory: the weights from its checkpoint (safetensors, nothing
+    unpickled beyond plain data); the base LM's config and the tokenizer from the base model folder or, when that
+    is gone, from the run's own copy (``base_model/``)."""
+    from .config import _looks_local
+
+    run_dir = Path(run_dir)
+    state = ckpt.load_state(run_dir / ckpt.CHECKPOINT)
     cfg = TrainConfig.from_dict(state["config"])
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tokenizer)
+    weights = ckpt.load_model_state(run_dir, state)
+    base_dir = run_dir / BASE_DIR
+    rebuild = _base_gone(cfg) and (base_dir / "config.json").exists()
+    if _base_gone(cfg) and not rebuild and _looks_local(cfg.model):
+        raise ckpt.CheckpointError(
+            f"{run_dir}: needs the base model {cfg.model!r} for its config and tokenizer (not found, and the run has "
+            f"no {BASE_DIR}/ copy: written by an older haf-train); restore that folder, or copy its config.json and "
+            f"tokenizer files into {base_dir}"
+        )
+    tokenizer = load_tokenizer(cfg, base_dir)
+    model = build_run_model(cfg, tokenizer, run_dir, weights, rebuild=rebuild)
     # auxiliary method modules (e.g. SwAV prototypes under ``rm_methods``) are not part of the reward model
-    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("rm_methods.")})
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("rm_methods.")})
     return model.to(device).eval(), tokenizer, cfg

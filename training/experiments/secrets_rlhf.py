@@ -120,11 +120,19 @@ def true_accuracy(margins, dataset) -> float:
     return good / len(dataset)
 
 
-def evaluate_run(run_dir: Path, paths: dict[str, str], scored_by: str) -> dict[str, float]:
+def load_split(path: str, tok: Any, cfg: Any, skip_bad_rows: bool = False) -> Any:
+    """A held-out split as the trainer reads it; a bad row raises ``BadRowError`` unless ``skip_bad_rows``."""
+    from training.data import load_preferences
+
+    return load_preferences(
+        path, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=skip_bad_rows
+    )
+
+
+def evaluate_run(run_dir: Path, paths: dict[str, str], scored_by: str, skip_bad_rows: bool = False) -> dict[str, float]:
     """Reward-head and implicit-reward accuracy against the true order on ``test`` and ``shift``."""
     import torch
 
-    from training.data import load_preferences
     from training.methods.ensemble import load_member
     from training.methods.scoring import score_pairs
     from training.model import frozen_copy
@@ -136,7 +144,7 @@ def evaluate_run(run_dir: Path, paths: dict[str, str], scored_by: str) -> dict[s
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: dict[str, float] = {}
     for split in ("test", "shift"):
-        ds = load_preferences(paths[split], tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        ds = load_split(paths[split], tok, cfg, skip_bad_rows)
         sc = score_pairs(model, ds, pad_token_id=pad, reference=reference, beta=cfg.beta, backend=cfg.backend)
         out[f"{split}_reward_acc"] = true_accuracy(sc.reward_margin, ds)
         out[f"{split}_implicit_acc"] = true_accuracy(sc.implicit_margin, ds)
@@ -144,9 +152,13 @@ def evaluate_run(run_dir: Path, paths: dict[str, str], scored_by: str) -> dict[s
     return out
 
 
-def run_unit(args: tuple[str, float, int, dict[str, Any], list[str]]) -> dict[str, Any]:
-    """All runs of one (noise, seed): the strength ensemble, then every method. Returns records."""
-    work_s, noise, seed, sizes, methods = args
+def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> dict[str, Any]:
+    """All runs of one (noise, seed): the strength ensemble, then every method. Returns records.
+
+    ``args[5]`` (``--skip-bad-rows``): every reader of the unit (trainer, strength ensemble, evaluation) skips and
+    counts bad rows instead of stopping at the first one.
+    """
+    work_s, noise, seed, sizes, methods, skip_bad_rows = args
     import torch
 
     torch.set_num_threads(1)
@@ -164,6 +176,8 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str]]) -> dict[st
         eval_data=paths["val"],
         ref_cache_dir=str(unit / "ref_cache"),
     )
+    if skip_bad_rows:
+        base["skip_bad_rows"] = True
     quiet = lambda *a, **k: None  # noqa: E731
     t0 = time.time()
     strength: dict[str, Any] = {}
@@ -199,7 +213,7 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str]]) -> dict[st
             scored_by=scored_by,
             val_reward_true_acc=final.get("reward_true_accuracy", math.nan),
         )
-        rec.update(evaluate_run(run_dir, paths, scored_by))
+        rec.update(evaluate_run(run_dir, paths, scored_by, skip_bad_rows))
         rec["wall_s"] = time.time() - t1
         records.append(rec)
     flipped = [bool(r["flipped"]) for r in S.read_jsonl(paths["train"])]
@@ -309,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     ap.add_argument("--noise", default=None, help="comma-separated noise rates (default 0,0.2,0.4; quick: 0.2)")
     ap.add_argument("--replot", action="store_true", help="only redraw <out>/secrets_rlhf.png from its JSON")
+    ap.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad data rows instead of stopping")
     args = ap.parse_args(argv)
     if args.replot:
         out = Path(args.out or "training/experiments/results")
@@ -331,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     t0 = time.time()
-    jobs = [(str(work), n, s, sizes, methods) for n in noises for s in seeds]
+    jobs = [(str(work), n, s, sizes, methods, args.skip_bad_rows) for n in noises for s in seeds]
     if args.workers > 1:
         import multiprocessing as mp
 
@@ -357,7 +372,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.time() - t0
     summary = summarise(units, methods, noises)
     meta = dict(
-        command="python -m training.experiments.secrets_rlhf" + (" --quick" if args.quick else ""),
+        command="python -m training.experiments.secrets_rlhf"
+        + (" --quick" if args.quick else "")
+        + (" --skip-bad-rows" if args.skip_bad_rows else ""),
         seeds=seeds,
         noise_rates=noises,
         sizes=sizes,
@@ -387,4 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from training.errors import cli_errors
+
+    with cli_errors():  # a bad data row: one line with the --skip-bad-rows hint, exit status 1
+        main()

@@ -7,6 +7,10 @@ and a histogram PNG is written (stacked by the ``flipped`` column when the data 
 
 Choices left open by the paper, exposed: M, member mode, whether only out-of-bag votes count (``oob``), the
 members' own config (any ``TrainConfig`` field: small models / few steps keep M = 8 affordable on CPU).
+
+The training data is any source the trainer reads (``.jsonl``, ``.jsonl.gz``, ``.parquet``, ...). A bad row stops
+the run with its file and row number; with ``skip_bad_rows`` (``--skip-bad-rows``) bad rows are left out: the
+members train on, and the output holds, the usable rows only.
 """
 
 from __future__ import annotations
@@ -56,6 +60,34 @@ def load_member(run_dir: Path, device: str = "cpu"):
     return model.to(device).eval(), tok, cfg
 
 
+ROW_TAG = "_haf_strength_row"
+
+
+def usable_rows(cfg: Any, tokenizer: Any, work_dir: Path) -> tuple[list[dict[str, Any]], Any, int]:
+    """``(rows, dataset, n_bad)``: the raw rows of ``cfg.train_data`` that the trainer can use, their tokenised
+    pairs (same order) and the number of bad rows skipped.
+
+    A bad row raises ``BadRowError`` (file and row number) unless ``cfg.skip_bad_rows``; then the kept rows are
+    found by tagging every row with its position and loading the tagged copy exactly as the trainer loads data.
+    """
+    from ..data import load_preferences, read_rows
+
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, split=cfg.train_split)
+    skip = bool(getattr(cfg, "skip_bad_rows", False))
+    ds = load_preferences(cfg.train_data, tokenizer, skip_bad_rows=skip, **kw)
+    raw = [row for _, row in read_rows(cfg.train_data, cfg.train_split)]
+    if ds.report.n_bad == 0 and len(ds) == len(raw):
+        return raw, ds, 0
+    tagged = work_dir / "train_tagged.jsonl"
+    S.write_jsonl(({**row, ROW_TAG: j} for j, row in enumerate(raw) if isinstance(row, dict)), tagged)
+    tagged_ds = load_preferences(tagged, tokenizer, skip_bad_rows=True, **kw)
+    keep = [int(ex.columns.pop(ROW_TAG)) for ex in tagged_ds.examples]
+    tagged.unlink()
+    if len(keep) != len(ds):
+        raise RuntimeError(f"{cfg.train_data}: {len(ds)} usable pairs but {len(keep)} usable rows found")
+    return [raw[j] for j in keep], ds, len(raw) - len(keep)
+
+
 def run_strength_ensemble(
     cfg: Any,
     *,
@@ -73,19 +105,17 @@ def run_strength_ensemble(
     Returns a summary: paths, per-member wall time, and (when the data has ``flipped``) the AUROC of
     ``−strength_mean`` for detecting flipped labels and the fraction of pairs with ``strength_mean < 0``.
     """
-    from ..data import load_preferences
     from ..trainer import load_tokenizer, train
 
-    if not str(cfg.train_data).endswith(".jsonl"):
-        raise ValueError(f"haf-strength needs a .jsonl train_data, got {cfg.train_data!r}")
     root = Path(cfg.run_dir)
     out_path = Path(out_path) if out_path else root / "train_strength.jsonl"
     hist_path = Path(hist_path) if hist_path else out_path.with_suffix(".png")
-    rows = S.read_jsonl(cfg.train_data)
     tok = load_tokenizer(cfg)
-    ds = load_preferences(cfg.train_data, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    if len(ds) != len(rows):
-        raise ValueError(f"{cfg.train_data}: {len(rows)} rows but {len(ds)} usable pairs; fix the bad rows first")
+    rows, ds, n_bad = usable_rows(cfg, tok, root)
+    if n_bad:
+        log(f"[haf-strength] {ds.report.summary()}; the output has the {len(rows)} usable rows")
+        cfg = cfg.replace(train_data=str(root / "train_usable.jsonl"))
+        S.write_jsonl(rows, cfg.train_data)
     idx = S.member_indices(len(rows), members, mode=member_mode, seed=int(cfg.seed), fraction=member_fraction)
     chosen, rejected, times = [], [], []
     for m, ix in enumerate(idx):
@@ -117,6 +147,7 @@ def run_strength_ensemble(
         oob=oob,
         member_wall_s=times,
         frac_negative=float((mean < 0).double().mean()),
+        bad_rows_skipped=n_bad,
     )
     if flipped is not None:
         summary["auroc_flipped"] = S.auroc(-torch.nan_to_num(mean), flipped)
@@ -130,14 +161,15 @@ def run_strength_ensemble(
     return summary
 
 
-STRENGTH_USAGE = """usage: haf-strength [CONFIG] --train_data FILE.jsonl [--members 8]
+STRENGTH_USAGE = """usage: haf-strength [CONFIG] --train_data FILE [--members 8]
                     [--member-mode seed|bootstrap|subsample] [--member-fraction 0.5] [--oob] [--ddof 0]
-                    [--output OUT.jsonl] [--histogram OUT.png]
+                    [--output OUT.jsonl] [--histogram OUT.png] [--skip-bad-rows]
                     [any haf-train --key value: the members' config]
 
 Trains M reward models on the same data (different seeds; or bootstrap / subsample splits), scores every
 training pair with each, and writes the training rows with strength_mean / strength_std columns plus a
-histogram. Then train with e.g. --train_data OUT.jsonl --noisy-mode flip --noisy-fraction 0.1, or
+histogram. A bad row stops with its file and row number; with --skip-bad-rows it is left out of the output.
+Then train with e.g. --train_data OUT.jsonl --noisy-mode flip --noisy-fraction 0.1, or
 --adaptive-margin 1.
 """
 

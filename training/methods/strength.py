@@ -224,7 +224,13 @@ def plot_strength_histogram(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``haf-strength`` (``training.cli:strength_main``): trains the ensemble; see ``ensemble.main``."""
+    """``haf-strength`` (``training.cli:strength_main``): trains the ensemble; see ``ensemble.main``.
+
+    A bad data row (unless ``--skip-bad-rows``) or a missing data file is reported as one ``error: …`` line
+    and exit status 1.
+    """
+    from ..errors import cli_errors
     from .ensemble import main as ensemble_main
 
-    return ensemble_main(argv)
+    with cli_errors():
+        return ensemble_main(argv)
