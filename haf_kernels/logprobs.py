@@ -5,15 +5,56 @@ Holds the ``autograd.Function``s and the backend dispatch; kernels live in ``bac
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._C import _functions as _autograd_functions
 
 from . import backends
 from .options import LogprobOptions, chunk_budget_bytes, compute_dtype, keep_max_bytes
+from .validate import check_finite as check_finite_inputs
 from .validate import check_labels, check_logprob_args
+
+
+def first_order_only(op: str) -> Callable:
+    """Decorator of an ``autograd.Function.backward`` whose gradients are not differentiable themselves.
+
+    Differentiating them again (``create_graph=True`` then a second ``backward``/``grad``) raises a
+    ``RuntimeError`` that says so, instead of an obscure "does not require grad" or a silently missing
+    second-order term. Without ``create_graph`` nothing changes.
+    """
+    message = (
+        f"haf_kernels: double backward through {op} is not supported (its backward is a fused kernel, not "
+        "differentiable); for gradients of gradients use backend='reference', which materialises the logits"
+    ).encode()
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx: Any, *grads: Any) -> Any:
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # the usual first-order backward
+                return outputs
+            tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
+            if not tensors:
+                return outputs
+            # create_graph=True: every gradient gets a grad_fn that raises the message if it is differentiated.
+            # A zero anchor ties it to the differentiable inputs (O(1) work), so torch.autograd.grad(..., inputs)
+            # reaches the error instead of reporting the inputs as unused.
+            anchors = [t.reshape(-1)[:1].sum() for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            anchor = torch.stack(anchors).sum() * 0 if anchors else None
+            fake = [
+                t.detach().requires_grad_(True) if anchor is None else t.detach() + anchor.to(t.dtype) for t in tensors
+            ]
+            guarded = iter(_autograd_functions.DelayedError(message, len(tensors))(*fake))
+            return tuple(next(guarded) if isinstance(o, torch.Tensor) else o for o in outputs)
+
+        return wrapper
+
+    return decorate
 
 
 def _compact(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
@@ -52,14 +93,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
             out = logp
         else:
             out.index_copy_(0, idx, logp)
-        ctx.save_for_backward(h, weight, bias, y, lse, idx)
+        ctx.save_for_backward(h, weight, bias, y, lse, idx, hidden)  # hidden: only for first_order_only
         ctx.opts, ctx.backend, ctx.n = opts, backend, hidden.shape[0]
         ctx.hidden_dtype = hidden.dtype
         return out
 
     @staticmethod
+    @first_order_only("linear_logprobs")
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        h, weight, bias, y, lse, idx = ctx.saved_tensors
+        h, weight, bias, y, lse, idx, _ = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if h.shape[0] == 0 or not any(needs):
             dh = torch.zeros(ctx.n, weight.shape[1], dtype=ctx.hidden_dtype, device=weight.device) if needs[0] else None
@@ -92,6 +134,7 @@ def linear_logprobs(
     backend: str = "auto",
     chunk_tokens: int | None = None,
     chunk_vocab: int | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probabilities of ``labels`` under the LM head, without ``[N, V]`` logits.
 
@@ -104,6 +147,10 @@ def linear_logprobs(
         softcap: ``logits = softcap·tanh(logits/softcap)`` (Gemma-2/3 ``final_logit_softcapping``).
         backend: ``"auto"`` | ``"triton"`` | ``"cpp"`` | ``"torch"`` | ``"reference"``.
         chunk_tokens / chunk_vocab: tile sizes of the chunked backends (``None``: a ~64 MiB fp32 tile).
+        check_finite: raise ``NonFiniteInputError`` (a ``ValueError`` naming the argument) when ``hidden``,
+            ``weight`` or ``bias`` holds NaN/Inf (``hidden``: rows of non-ignored tokens only), instead of
+            returning NaN. Costs one extra read of the
+            inputs and one host sync; off by default.
 
     Returns:
         ``[N]`` float32 (float64 for float64 inputs), 0 where ``labels == ignore_index``. Differentiable
@@ -116,6 +163,8 @@ def linear_logprobs(
     """
     check_logprob_args(hidden, weight, labels, bias, logit_scale, softcap)
     check_labels("labels", labels, weight.shape[0], ignore_index)
+    if check_finite:
+        check_finite_inputs(hidden=(hidden, labels != ignore_index), weight=weight, bias=bias)
     opts = LogprobOptions(
         ignore_index, float(logit_scale), None if softcap is None else float(softcap), chunk_tokens, chunk_vocab
     )
@@ -310,9 +359,11 @@ class FusedPairLossFunction(torch.autograd.Function):
         ctx.grads = [dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dref]
         ctx.ref_dtype = None if ref_logps is None else ref_logps.dtype
         ctx.mark_non_differentiable(seq)
+        ctx.save_for_backward(hidden, weight, bias, ref_logps)  # no copies; read only by first_order_only
         return total.float() if dt != torch.float64 else total, seq
 
     @staticmethod
+    @first_order_only("fused_haf_loss")
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_seq: torch.Tensor):  # type: ignore[override]
         if ctx.grads is None:
             raise RuntimeError(

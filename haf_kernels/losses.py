@@ -17,6 +17,7 @@ from torch import nn
 from . import backends
 from .logprobs import FusedPairLossFunction, pair_chunks, token_logprobs
 from .options import LogprobOptions, compute_dtype
+from .validate import check_finite as check_finite_inputs
 from .validate import check_haf_args
 
 
@@ -94,6 +95,7 @@ def fused_haf_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     grad_in_forward: bool | None = None,
+    check_finite: bool = False,
 ) -> HafLossOutput:
     """HaF-RM hybrid loss of a concatenated chosen/rejected batch, without full-vocab logits.
 
@@ -115,6 +117,10 @@ def fused_haf_loss(
             outputs detached). ``None``: on when gradients are needed, the backend keeps logits natively
             (``torch``, ``cpp``) and one pair's kept fp32 logits (non-ignored tokens × V) fit
             ``HAF_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
+        check_finite: raise ``NonFiniteInputError`` (a ``ValueError`` naming the argument) when ``hidden``,
+            ``lm_head_weight``, ``lm_head_bias``, ``rewards``, ``ref_logps`` or ``reward_margin`` holds NaN/Inf
+            (``hidden``: at non-ignored tokens only), instead of returning a NaN loss. One extra read of the
+            inputs and one host sync; off by default (the training loop turns it on for its first steps).
 
     Plain PyTorch equivalent (materialising logits)::
 
@@ -144,6 +150,15 @@ def fused_haf_loss(
     )
     if rewards is None and alpha == 0:
         raise ValueError("alpha must be > 0 when rewards is None (otherwise the loss has no term)")
+    if check_finite:
+        check_finite_inputs(
+            hidden=(hidden, labels != ignore_index),
+            lm_head_weight=lm_head_weight,
+            lm_head_bias=lm_head_bias,
+            rewards=rewards,
+            ref_logps=ref_logps,
+            reward_margin=float(reward_margin) if isinstance(reward_margin, (int, float)) else reward_margin,
+        )
     dev = hidden.device
     dt = torch.float64  # the O(B) arithmetic: cheap, and d = (sum_c − sum_r) needs the precision
     two_b, seq_len, dim = hidden.shape
@@ -257,6 +272,7 @@ class HafLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         grad_in_forward: bool | None = None,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(
@@ -272,6 +288,7 @@ class HafLoss(nn.Module):
             ignore_index=ignore_index,
             backend=backend,
             grad_in_forward=grad_in_forward,
+            check_finite=check_finite,
         )
 
     def forward(

@@ -11,6 +11,12 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class NonFiniteInputError(ValueError):
+    """A ``check_finite=True`` call met NaN/Inf in an input; the message names the argument(s)."""
+
+
 POLICY_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
 
 
@@ -176,3 +182,51 @@ def check_haf_args(
         if bool((pair_weights < 0).any()) or not bool(torch.isfinite(pair_weights).all()):
             raise ValueError("pair_weights must be finite and >= 0 (0 drops a pair)")
     return n_pairs
+
+
+def check_finite(**named: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | float | None) -> None:
+    """``NonFiniteInputError`` naming every argument that holds NaN or ±Inf (``None`` and ints pass).
+
+    An argument may be ``(tensor, rows)`` with a boolean ``rows`` mask over its leading dimensions: only those
+    rows count (hidden states of ignored tokens, e.g. padding, do not reach the loss and may be anything).
+    Cost: one read of each tensor (``aminmax``) and one host sync for all of them; NaN propagates through
+    min/max, so finite extremes mean every element is finite.
+    """
+    tensors: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    bad = [n for n, v in named.items() if isinstance(v, float) and not math.isfinite(v)]
+    for n, v in named.items():
+        t, rows = v if isinstance(v, tuple) else (v, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            tensors.append((n, t, rows))
+    if tensors:
+        dev = tensors[0][1].device
+        ext = []
+        for _, t, rows in tensors:
+            x = t.detach() if rows is None else t.detach()[rows]
+            ext.append(torch.stack(torch.aminmax(x.reshape(-1))).float() if x.numel() else torch.zeros(2, device=dev))
+        ok = torch.isfinite(torch.stack(ext)).all(dim=1).tolist()
+        bad += [n for (n, _, _), good in zip(tensors, ok) if not good]
+    if not bad:
+        return
+    parts = []
+    for n in bad:
+        v = named[n]
+        t, rows = v if isinstance(v, tuple) else (v, None)
+        if isinstance(t, torch.Tensor):
+            nonfinite = ~t.detach().isfinite()
+            if rows is not None:
+                nonfinite &= rows.reshape(rows.shape + (1,) * (t.dim() - rows.dim()))
+            nan = int((t.detach().isnan() & nonfinite).sum())
+            first = nonfinite.nonzero()[0].tolist()
+            where = first[0] if t.dim() == 1 else tuple(first)
+            scope = " (in rows that reach the loss)" if rows is not None else ""
+            parts.append(
+                f"{n} {_shape(t)} has {nan} NaN and {int(nonfinite.sum()) - nan} Inf values{scope} "
+                f"(first at index {where})"
+            )
+        else:
+            parts.append(f"{n} is {v!r}")
+    raise NonFiniteInputError(
+        "; ".join(parts) + " (check_finite=True): the loss would be NaN; check the model's weights and the "
+        "batch (e.g. an overflow in fp16 upstream)"
+    )

@@ -324,3 +324,18 @@ def test_nonfinite_weights_are_never_checkpointed(data, tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 2: refusing to write a checkpoint.*reward_head\.weight"):
         train(cfg_for(data, run, max_steps=4, save_every=2), TrainHooks(on_step_end=poison))
     assert not (run / ckpt.CHECKPOINT).exists() and not list(run.glob("*.tmp"))
+
+
+def test_nonfinite_lm_head_in_the_first_steps_is_named(data, tmp_path):
+    """check_finite_steps: a NaN in the LM head (a broken model) stops at step 1 naming the tensor."""
+    from training.trainer import NonFiniteError, TrainHooks, train
+
+    def on_model(model, cfg):
+        with torch.no_grad():
+            model.lm_head_weight[3, 1] = float("nan")
+
+    with pytest.raises(NonFiniteError, match=r"step 1: non-finite loss input in micro-batch 1 of 2: lm_head_weight \["):
+        train(cfg_for(data, tmp_path / "run", max_steps=3), TrainHooks(on_model=on_model))
+    # with the check off, the same model reaches the non-finite loss guard instead (no tensor named)
+    with pytest.raises(NonFiniteError, match=r"step 1: non-finite loss in micro-batch 1"):
+        train(cfg_for(data, tmp_path / "run2", max_steps=3, check_finite_steps=0), TrainHooks(on_model=on_model))

@@ -101,6 +101,7 @@ class TrainConfig:
     seed: int = 0
     nonfinite: str = "stop"  # a non-finite loss or gradient: stop (error naming the step) | skip (drop the update)
     nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
+    check_finite_steps: int = 10  # loss inputs checked for NaN/Inf (naming the tensor) in the first N steps (single process); 0: off
     # ---- system
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -292,6 +293,7 @@ class TrainConfig:
         num("seed", 0)
         choice("nonfinite", ("stop", "skip"))
         num("nonfinite_max_skips", 1)
+        num("check_finite_steps", 0)
         # ---- system
         choice("device", ("auto", "cpu", "cuda"))
         choice("dtype", ("auto", "bf16", "fp32"))

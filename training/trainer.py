@@ -69,6 +69,7 @@ SAFE_ON_RESUME = frozenset(
         "ref_cache_dir",
         "nonfinite",
         "nonfinite_max_skips",
+        "check_finite_steps",
     }
 )
 
@@ -426,6 +427,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                     logit_scale=m.logit_scale,
                     softcap=m.softcap,
                     backend=cfg.backend,
+                    check_finite=step < cfg.check_finite_steps and info.world_size == 1,
                 )
                 loss = res.loss
                 aux = hooks.aux_loss(out, batch, m, step) if hooks.aux_loss is not None else None
@@ -435,7 +437,11 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
 
             sync = micro == accum - 1 or info.mode != "ddp"
             fast = hooks.forward_params(model, step) if hooks.forward_params is not None else None
-            with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast():
+            with (
+                nonfinite_input_guard(step + 1, micro, accum, info),
+                contextlib.nullcontext() if sync else wrapped.no_sync(),
+                autocast(),
+            ):
                 if fast is None:
                     loss, res, aux = wrapped(batch.input_ids, batch.attention_mask, compute=compute)
                 else:  # look-ahead parameters (MetaRM): the same forward, functionally
@@ -704,6 +710,23 @@ def nonfinite_message(
         return f"step {step}: non-finite loss on another rank"
     gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     return f"step {step}: non-finite gradient (norm {float(gn)}) with finite losses in all {len(losses)} micro-batches"
+
+
+@contextlib.contextmanager
+def nonfinite_input_guard(step: int, micro: int, accum: int, info: D.DistInfo):
+    """A ``check_finite`` failure of the loss inputs (``check_finite_steps``) as a ``NonFiniteError`` naming the
+    step and micro-batch: such inputs in the first steps mean a broken model or batch, so the run stops in
+    either ``nonfinite`` mode."""
+    from haf_kernels.validate import NonFiniteInputError
+
+    try:
+        yield
+    except NonFiniteInputError as exc:
+        rank = f" on rank {info.rank}" if info.world_size > 1 else ""
+        raise NonFiniteError(
+            f"step {step}: non-finite loss input in micro-batch {micro + 1} of {accum}{rank}: {exc}; training "
+            "stopped before the optimiser step (check_finite_steps)"
+        ) from None
 
 
 def check_finite_weights(model: torch.nn.Module, info: D.DistInfo, step: int) -> None:

@@ -70,6 +70,12 @@ def forward(
     opts: LogprobOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp [N], lse [N])`` fp32 (fp64 for fp64 inputs); ``logp`` is 0 where ``labels == ignore_index``."""
+    if hidden.dtype == torch.bfloat16 and _interpret():
+        raise TypeError(
+            "hidden is bfloat16, which backend 'triton' cannot compute under TRITON_INTERPRET=1 (the interpreter's "
+            "tl.dot multiplies raw bf16 bits: wrong numbers); use float16/float32 inputs, or backend='cpp' / "
+            "'torch' on CPU (bf16 runs correctly on a GPU)"
+        )
     return linear_logprobs_fwd(hidden, weight, labels, bias, opts)
 
 
