@@ -4,9 +4,12 @@
 //   logp[t]  = z[t, y_t] − logsumexp_v z[t, v]        (0 where y_t == ignore_index)
 //   dL/d(h·Wᵀ + b) = g ⊙ (onehot(y) − softmax(z)) ⊙ (1 − (z/softcap)²) · scale
 //
-// Work is split over vocab tiles: OpenMP thread t owns a contiguous run of vocab tiles, so it owns the
+// Work is split over vocab tiles: each of S "slots" owns a contiguous run of vocab tiles, so it owns the
 // rows of dW / db it writes (no race, no atomics) and keeps private partial softmax statistics / a private
-// dH partial, merged afterwards in thread order (deterministic for a fixed thread count). Inside a thread,
+// dH partial, merged afterwards in slot order. OpenMP threads run the slots. By default S = threads (one slot
+// each: deterministic for a fixed thread count); under torch.use_deterministic_algorithms(True) S is fixed
+// (kDeterministicSlots, or fewer tiles), so every reduction has one order and results are bitwise equal for
+// any thread count. Inside a thread,
 // each [token chunk × vocab tile] block of logits is produced by a single-threaded BLAS GEMM (ATen mm_out),
 // transformed row by row while it is cache-resident (row_kernels.cpp), and consumed by the dH / dW GEMMs.
 //
@@ -61,6 +64,19 @@ struct Tiling {
 
 int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
+// Slots of the deterministic mode: the most threads it can use (a larger count costs more dH partials).
+constexpr int64_t kDeterministicSlots = 8;
+
+bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+
+// Number of work slots for `tiles` vocab tiles (see the header comment).
+int64_t slot_count(int64_t tiles) {
+  return std::max<int64_t>(1, std::min(deterministic() ? kDeterministicSlots : max_threads(), tiles));
+}
+
+// Threads that run `slots` slots.
+int64_t team_size(int64_t slots) { return std::min(max_threads(), slots); }
+
 // Contiguous share [lo, hi) of `count` items for thread `tid` of `nt`.
 std::pair<int64_t, int64_t> share(int64_t count, int64_t nt, int64_t tid) {
   const int64_t base = count / nt, extra = count % nt;
@@ -68,26 +84,26 @@ std::pair<int64_t, int64_t> share(int64_t count, int64_t nt, int64_t tid) {
   return {lo, lo + base + (tid < extra ? 1 : 0)};
 }
 
-// Runs body(tid, nt) on a team of up to `team` OpenMP threads; returns the team size actually used.
-// Exceptions thrown by any thread are rethrown here (never across the OpenMP region boundary).
+// Runs body(slot, tid) for every slot in [0, slots) on team_size(slots) OpenMP threads (thread tid takes slots
+// tid, tid + nt, ...; tid indexes per-thread scratch). Exceptions thrown by any thread are rethrown here
+// (never across the OpenMP region boundary).
 template <typename F>
-int64_t run_team(int64_t team, const F& body) {
+void run_slots(int64_t slots, const F& body) {
+  const int64_t team = team_size(slots);
   if (team <= 1) {
     at::NoGradGuard no_grad;
-    body(0, 1);
-    return 1;
+    for (int64_t s = 0; s < slots; ++s) body(s, 0);
+    return;
   }
   std::exception_ptr error = nullptr;
   std::mutex error_mutex;
-  int64_t used = 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(static_cast<int>(team))
   {
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    if (tid == 0) used = nt;
     try {
       at::NoGradGuard no_grad;
-      body(tid, nt);
+      for (int64_t s = tid; s < slots; s += nt) body(s, tid);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
@@ -96,11 +112,10 @@ int64_t run_team(int64_t team, const F& body) {
 #else
   {
     at::NoGradGuard no_grad;
-    body(0, 1);
+    for (int64_t s = 0; s < slots; ++s) body(s, 0);
   }
 #endif
   if (error) std::rethrow_exception(error);
-  return used;
 }
 
 template <typename T>
@@ -258,10 +273,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
   const auto opt = h.options();
   const Tiling tl(vocab, std::min(cfg.vocab_tile, vocab));
   const int64_t tc = std::min(cfg.chunk_tokens, std::max<int64_t>(n, 1));
-  const int64_t team = std::min(max_threads(), tl.count);
+  const int64_t slots = slot_count(tl.count), team = team_size(slots);
   const bool convert = weight.scalar_type() != h.scalar_type();
 
-  Tensor stats = at::empty({2, team, n}, opt.dtype(at::kDouble));
+  Tensor stats = at::empty({2, slots, n}, opt.dtype(at::kDouble));
   Tensor target = at::zeros({n}, opt);
   Tensor scratch = saved == nullptr ? at::empty({team, tc * tl.tile}, opt) : Tensor();
   Tensor wbuf = convert ? at::empty({team, tl.tile * d}, opt) : Tensor();
@@ -271,12 +286,12 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
   const T* b_p = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   const int64_t* y_p = labels.const_data_ptr<int64_t>();
 
-  const int64_t used = run_team(team, [&](int64_t tid, int64_t nt) {
-    double* run_max = stats_p + tid * n;
-    double* run_sum = stats_p + (team + tid) * n;
+  run_slots(slots, [&](int64_t slot, int64_t tid) {
+    double* run_max = stats_p + slot * n;
+    double* run_sum = stats_p + (slots + slot) * n;
     std::fill(run_max, run_max + n, -std::numeric_limits<double>::infinity());
     std::fill(run_sum, run_sum + n, 0.0);
-    const auto [k0, k1] = share(tl.count, nt, tid);
+    const auto [k0, k1] = share(tl.count, slots, slot);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t v0 = tl.begin(k), cols = tl.width(k);
       Tensor wt = weight_tile<T>(weight, tl, k, convert ? wbuf.data_ptr<T>() + tid * tl.tile * d : nullptr);
@@ -301,10 +316,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& h, const Tensor& weight, c
     for (int64_t t = lo; t < hi; ++t) {
       double m = -std::numeric_limits<double>::infinity(), s = 0.0;
       bool nan = false;
-      for (int64_t i = 0; i < used; ++i) {
-        const double mi = stats_p[i * n + t], si = stats_p[(team + i) * n + t];
+      for (int64_t i = 0; i < slots; ++i) {
+        const double mi = stats_p[i * n + t], si = stats_p[(slots + i) * n + t];
         if (std::isnan(mi) || std::isnan(si)) nan = true;
-        if (si == 0.0) continue;  // this thread saw no logits (cannot happen for a used thread; be safe)
+        if (si == 0.0) continue;  // this slot saw no logits (cannot happen: slots <= tiles; be safe)
         if (m < mi) {
           s = s * std::exp(m - mi) + si;
           m = mi;
@@ -331,7 +346,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
   const auto opt = h.options();
   const Tiling tl(vocab, std::min(cfg.vocab_tile, vocab));
   const int64_t tc = std::min(cfg.chunk_tokens, std::max<int64_t>(n, 1));
-  const int64_t team = std::min(max_threads(), tl.count);
+  const int64_t slots = slot_count(tl.count), team = team_size(slots);
   const bool convert = weight.scalar_type() != h.scalar_type();
   need_b = need_b && bias.defined();
 
@@ -357,14 +372,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
     if (g_p[t] != T(0)) active[t / tc] = 1;
   }
 
-  // Token blocks bound the per-thread dH partials (threads 1.. accumulate into private buffers).
+  // Token blocks bound the per-slot dH partials (slots 1.. accumulate into private buffers).
   int64_t block = n;
-  if (need_h && team > 1) {
-    const int64_t per_row = (team - 1) * d * static_cast<int64_t>(sizeof(T));
+  if (need_h && slots > 1) {
+    const int64_t per_row = (slots - 1) * d * static_cast<int64_t>(sizeof(T));
     block = std::max<int64_t>(tc, (cfg.partial_bytes / std::max<int64_t>(per_row, 1)) / tc * tc);
     block = std::min(block, n);
   }
-  Tensor parts = need_h && team > 1 ? at::empty({team - 1, block, d}, opt) : Tensor();
+  Tensor parts = need_h && slots > 1 ? at::empty({slots - 1, block, d}, opt) : Tensor();
   Tensor scratch = saved == nullptr ? at::empty({team, tc * tl.tile}, opt) : Tensor();
   Tensor wbuf = convert ? at::empty({team, tl.tile * d}, opt) : Tensor();
   const T* h_p = h.const_data_ptr<T>();
@@ -377,13 +392,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
 
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     const int64_t nb = std::min(block, n - b0);
-    const int64_t used = run_team(team, [&](int64_t tid, int64_t nt) {
+    run_slots(slots, [&](int64_t slot, int64_t tid) {
       T* dh_acc = nullptr;
       if (need_h) {
-        dh_acc = tid == 0 ? dh_p + b0 * d : parts_p + (tid - 1) * block * d;
-        if (tid > 0) std::fill(dh_acc, dh_acc + nb * d, T(0));
+        dh_acc = slot == 0 ? dh_p + b0 * d : parts_p + (slot - 1) * block * d;
+        if (slot > 0) std::fill(dh_acc, dh_acc + nb * d, T(0));
       }
-      const auto [k0, k1] = share(tl.count, nt, tid);
+      const auto [k0, k1] = share(tl.count, slots, slot);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t v0 = tl.begin(k), cols = tl.width(k);
         Tensor dw_tile = need_w ? blob(dw_p + v0 * d, {cols, d}) : Tensor();
@@ -415,10 +430,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
         if (need_w && !dw_written) dw_tile.zero_();
       }
     });
-    if (need_h && used > 1) {
+    if (need_h && slots > 1) {
       T* dst = dh_p + b0 * d;
       at::parallel_for(0, nb, 64, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = 1; i < used; ++i) {
+        for (int64_t i = 1; i < slots; ++i) {
           const T* src = parts_p + (i - 1) * block * d;
           for (int64_t r = lo; r < hi; ++r) row_accumulate(dst + r * d, src + r * d, d);
         }

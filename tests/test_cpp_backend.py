@@ -434,3 +434,64 @@ def test_isas_agree(restore_isa):
     for name, out in outs.items():
         for what, a, b in zip(("logp", "lse", "dh", "dw"), out[:4], base[:4]):
             assert rel_err(a, b) < 1e-6, (name, what, rel_err(a, b))
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test (restored after)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize(
+    "n,v,d,opts",
+    [
+        (100, 700, 16, LogprobOptions()),  # one default tile
+        (100, 700, 16, LogprobOptions(chunk_tokens=16, chunk_vocab=64)),  # 11 tiles > 8 slots
+        (37, 1000, 24, LogprobOptions(chunk_tokens=5, chunk_vocab=48)),
+        (64, 20000, 32, LogprobOptions()),  # the default tiling of a larger vocab
+    ],
+)
+def test_deterministic_mode_is_bitwise_equal_across_thread_counts(threads, deterministic, monkeypatch, n, v, d, opts):
+    """Under torch.use_deterministic_algorithms(True) every output is bitwise the same for 1, 2 and 3 threads
+    (fixed work slots, fixed reduction order), for both strategies, and still matches the reference."""
+    monkeypatch.setenv("HAF_CPP_PARTIAL_KB", "4")  # several token blocks in the recompute backward
+    h, w, y, b = make_inputs(n, v, d, torch.float32, bias=True, ignore_frac=0.2)
+    g = torch.randn(n, dtype=torch.float64)
+    rlogp, rdh, rdw, rdb = reference_grads(h, w, y, b, opts, g)
+    for strategy in STRATEGIES:
+        runs = {}
+        for nthreads in (1, 2, 3):
+            torch.set_num_threads(nthreads)
+            runs[nthreads] = run_backend(strategy, h, w, y, b, opts, g)
+        for nthreads in (2, 3):
+            for a, c, name in zip(runs[1], runs[nthreads], ("logp", "lse", "dh", "dw", "db"), strict=True):
+                assert torch.equal(a, c), f"{strategy} {name}: 1 and {nthreads} threads differ in deterministic mode"
+        assert_close(runs[1][0], rlogp, torch.float32, "logp")
+        assert_close(runs[1][2], rdh, torch.float32, "dh")
+        assert_close(runs[1][3], rdw, torch.float32, "dw")
+        assert_close(runs[1][4], rdb, torch.float32, "db")
+
+
+def test_deterministic_mode_whole_loss_across_thread_counts(threads, deterministic):
+    """fused_haf_loss (both gradient paths) on the cpp backend: bitwise-equal loss and gradients for 1 and 2
+    threads in deterministic mode."""
+    from haf_kernels import fused_haf_loss
+
+    h0 = torch.randn(4, 9, 16)
+    w0 = torch.randn(3000, 16) * 0.3
+    y = torch.randint(0, 3000, (4, 9))
+    y[:, :3] = -100
+    r0 = torch.randn(4)
+    for grad_in_forward in (False, True):
+        results = []
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            h, w, r = (t.clone().requires_grad_(True) for t in (h0, w0, r0))
+            out = fused_haf_loss(h, w, y, r, backend="cpp", grad_in_forward=grad_in_forward)
+            out.loss.backward()
+            results.append((out.loss.detach(), h.grad, w.grad, r.grad))
+        for a, c, name in zip(*results, ("loss", "dh", "dw", "drewards"), strict=True):
+            assert torch.equal(a, c), f"grad_in_forward={grad_in_forward} {name}: 1 and 2 threads differ"

@@ -2,9 +2,12 @@
 
 Each ``[chunk_tokens × vocab_tile]`` block of logits is made by a single-threaded BLAS GEMM inside one
 OpenMP thread, turned into softmax statistics (forward) or ``dz = g ⊙ (onehot(y) − softmax) ⊙ chain`` (backward)
-in one vectorised pass while it is still in cache, and consumed by the ``dH`` / ``dW`` GEMMs. A thread owns
-whole vocab tiles, hence its rows of ``dW`` / ``db``; ``dH`` partials are summed in thread order afterwards, so
-results are deterministic for a fixed thread count (``torch.set_num_threads``).
+in one vectorised pass while it is still in cache, and consumed by the ``dH`` / ``dW`` GEMMs. A work slot owns
+whole vocab tiles, hence its rows of ``dW`` / ``db``; softmax statistics and ``dH`` partials are merged in slot
+order afterwards. By default there is one slot per thread: results are repeatable for a fixed thread count
+(``torch.set_num_threads``). Under ``torch.use_deterministic_algorithms(True)`` the slot count is fixed (8, or
+the number of vocab tiles if fewer), so results are bitwise equal for any thread count (using at most 8
+threads).
 
 Two strategies, as in ``torch_chunked``: ``forward`` / ``backward`` recompute the logits (4 GEMMs, memory
 O(threads · tile)); ``forward_keep`` / ``backward_saved`` keep one chunk's logits (3 GEMMs, O(chunk · V)).
