@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from training.data import BadRowError, collate_pairs, load_preferences, split_shared_prefix, truncate
 from training.synthetic import SyntheticTask, build_tokenizer, calibrate_temperature
@@ -213,3 +214,24 @@ def test_synthetic_task_deterministic_and_noise_calibrated():
     margins = [abs(r["true_reward_chosen"] - r["true_reward_rejected"]) for r in clean]
     tau = calibrate_temperature(margins, 0.1)
     assert tau > 0
+
+
+def test_unshifted_labels_are_refused():
+    """Hugging Face-style labels (labels == input_ids, shifted inside the model) are refused by name; the
+    shifted labels of the same batch pass."""
+    from training.data import PairBatch, check_shifted_labels
+
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])
+    unshifted = ids.clone()
+    unshifted[:, :2] = -100  # prompt masked, as HF users do
+    unshifted[ids == 0] = -100
+    with pytest.raises(ValueError, match=r"labels look unshifted: labels\[t\] == input_ids\[t\] at all 3 scored"):
+        check_shifted_labels(ids, unshifted)
+    mask = (ids != 0).long()
+    with pytest.raises(ValueError, match="labels look unshifted"):
+        PairBatch(ids, mask, unshifted, torch.arange(1), {}, [None])
+    shifted = torch.cat([unshifted[:, 1:], torch.full_like(unshifted[:, :1], -100)], dim=1)
+    check_shifted_labels(ids, shifted)
+    PairBatch(ids, mask, shifted, torch.arange(1), {}, [None])
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \[2, 5\]"):
+        check_shifted_labels(ids, shifted[:, :4])

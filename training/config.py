@@ -101,7 +101,9 @@ class TrainConfig:
     seed: int = 0
     nonfinite: str = "stop"  # a non-finite loss or gradient: stop (error naming the step) | skip (drop the update)
     nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
-    check_finite_steps: int = 10  # loss inputs checked for NaN/Inf (naming the tensor) in the first N steps (single process); 0: off
+    check_finite_steps: int = (
+        10  # loss inputs checked for NaN/Inf (naming the tensor) in the first N steps (single process); 0: off
+    )
     # ---- system
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32

@@ -126,6 +126,10 @@ class PairBatch:
     subsets: list[str | None]
     source_rows: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.labels.device.type == "cpu":  # where batches are built (collate); no device sync
+            check_shifted_labels(self.input_ids, self.labels)
+
     @property
     def n_pairs(self) -> int:
         return self.index.shape[0]
@@ -139,6 +143,23 @@ class PairBatch:
             {k: v.to(device) for k, v in self.columns.items()},
             self.subsets,
             self.source_rows,
+        )
+
+
+def check_shifted_labels(input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> None:
+    """``ValueError`` when ``labels`` are visibly not next-token targets: ``labels[t] == input_ids[t]`` at every
+    scored position (the Hugging Face ``labels=input_ids`` convention, which shifts inside the model). Every loss
+    here reads ``labels[t]`` as the token *after* ``input_ids[t]``, so such labels give a silently wrong loss."""
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
+    scored = labels != ignore_index
+    n = int(scored.sum())
+    if n >= 2 and bool((labels[scored] == input_ids[scored]).all()):
+        raise ValueError(
+            f"labels look unshifted: labels[t] == input_ids[t] at all {n} scored positions, but they must be "
+            "next-token targets (labels[t] = input_ids[t + 1], ignore_index elsewhere), as collate_pairs builds "
+            "them; shift Hugging Face-style labels by one: labels = torch.cat([labels[:, 1:], "
+            f"torch.full_like(labels[:, :1], {ignore_index})], dim=1)"
         )
 
 
