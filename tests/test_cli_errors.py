@@ -192,6 +192,12 @@ ROWS: list[tuple[str, A, str]] = [
     ("nonfinite-mode", flags("--nonfinite", "ignore"), r"^nonfinite: must be one of stop\|skip, got 'ignore'$"),
     ("train-data-required", lambda c: c.args()[2:], r"^train_data: required"),
     ("train-data-missing", flags("--train_data", "nope/pairs.jsonl"), r"^train_data: no such file or folder: 'nope/"),
+    (
+        "train-data-gz-missing",
+        flags("--train_data", "nope.jsonl.gz"),
+        r"^train_data: no such file or folder: 'nope\.jsonl\.gz'$",
+    ),
+    ("check-finite-negative", flags("--check_finite_steps", "-1"), r"^check_finite_steps: must be >= 0, got -1$"),
     ("eval-data-missing", flags("--eval_data", "/no/such/val.jsonl"), r"^eval_data: no such file or folder: '/no/such"),
     ("metarm-data-missing", flags("--metarm_data", "./pool.jsonl"), r"^metarm_data: no such file: '\./pool\.jsonl'$"),
     ("noisy-needs-eval", flags("--noisy_mode", "flip", "--eval_data", ""), r"^eval_data: required with noisy_mode"),

@@ -66,15 +66,41 @@ def file_line(i: int) -> int:
     return i + 1 + (i + 1 >= BAD_LINE)
 
 
-@pytest.mark.parametrize("name", list(TOKENIZERS))
+def pretrained_qwen2(folder, tok) -> dict:
+    """A tiny Qwen2 saved as a pretrained folder (config.json beside a generic tokenizer: transformers 5 loads
+    that tokenizer as Qwen2Tokenizer); the TrainConfig fields that train from it."""
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return dict(model=str(folder), tokenizer="")
+
+
+@pytest.mark.parametrize("name", [*TOKENIZERS, "qwen2_pretrained"])
 def test_four_scorers_agree(tmp_path, name):
-    tok = TOKENIZERS[name]()
+    tok = TOKENIZERS.get(name, TOKENIZERS["llama_bos"])()
     tok.save_pretrained(tmp_path / "tok")
     data, rows = data_file(tmp_path, name)
+    if name == "qwen2_pretrained":
+        with pytest.warns(UserWarning, match="loads this tokenizer as Qwen2Tokenizer"):
+            model_kw = pretrained_qwen2(tmp_path / "base", tok)
+            from training.data import load_tokenizer_dir
+
+            load_tokenizer_dir(tmp_path / "base")
+    else:
+        model_kw = dict(tokenizer=str(tmp_path / "tok"), **model_args(name))
     cfg = TrainConfig(
         run_dir=str(tmp_path / "run"),
         train_data=str(data),
-        tokenizer=str(tmp_path / "tok"),
         skip_bad_rows=True,
         eval_fraction=0.3,
         max_length=MAX_LENGTH,
@@ -93,7 +119,7 @@ def test_four_scorers_agree(tmp_path, name):
         device="cpu",
         dtype="fp32",
         num_threads=1,
-        **model_args(name),
+        **model_kw,
     )
     final = train(cfg)
     run, export = tmp_path / "run", tmp_path / "run" / "export"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -41,8 +42,14 @@ def test_export_reload_gives_same_rewards(tmp_path, arch, lora):
     with torch.no_grad():
         want = model(batch.input_ids, batch.attention_mask).rewards
 
-    out = export_pretrained(model, tok, tmp_path / "export", max_length=32, max_prompt_length=8)
+    # a generic (word-level) tokenizer beside a qwen2 config: transformers 5's AutoTokenizer rebuilds it as
+    # Qwen2Tokenizer, so the export says so (warning + haf_reward.json) and haf-score loads the recorded class
+    rebuilt = arch == "qwen2" and int(transformers.__version__.split(".")[0]) >= 5
+    with pytest.warns(UserWarning, match="tokenizes differently") if rebuilt else contextlib.nullcontext():
+        out = export_pretrained(model, tok, tmp_path / "export", max_length=32, max_prompt_length=8)
     contract = json.loads((out / "haf_reward.json").read_text())
+    assert contract["tokenizer_class"] == type(tok).__name__
+    assert contract["auto_tokenizer_matches"] is (not rebuilt)
     assert (contract["max_length"], contract["max_prompt_length"]) == (32, 8)
     assert contract["pad_token_id"] == tok.pad_token_id
     seq = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()

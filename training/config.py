@@ -354,18 +354,13 @@ class ConfigError(UserError, ValueError):
         super().__init__(msg)
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
 def _looks_local(value: str) -> bool:
-    """A file-system path rather than a hub name (``name`` or ``org/name``)."""
+    """A file-system path rather than a hub name (``name`` or ``org/name``): the data reader's rule
+    (``data._looks_like_path``: data suffixes, compressed ones included) plus config / weight files."""
+    from .data import _looks_like_path
+
     p = str(value)
-    return (
-        p.startswith(("/", ".", "~"))
-        or "\\" in p
-        or len(Path(p).parts) > 2
-        or Path(p).suffix.lower() in DATA_SUFFIXES + (".yaml", ".yml", ".safetensors")
-    )
+    return _looks_like_path(p) or len(Path(p).parts) > 2 or Path(p).suffix.lower() in (".yaml", ".yml", ".safetensors")
 
 
 def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:

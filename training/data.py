@@ -457,19 +457,68 @@ def normalise_row(row: Any, tokenizer: Any) -> tuple[str, str, str, str | None, 
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
+TOKENIZER_FILE = "haf_tokenizer.json"  # beside a tokenizer this package saved: the class training used
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer_dir(name_or_path: str | os.PathLike) -> Any:
-    """``AutoTokenizer.from_pretrained``, except that a saved generic fast tokenizer (``tokenizer_class``
-    ``TokenizersBackend`` / ``PreTrainedTokenizerFast``, e.g. the synthetic word-level one) is loaded as such:
-    transformers 5 otherwise rebuilds it as the model type's tokenizer class when a ``config.json`` sits beside it.
+    """The tokenizer of a folder (or Hub name) as training uses it.
+
+    A folder this package saved (a run's ``base_model/``, an export) records the class training used in
+    ``haf_tokenizer.json``, and is loaded as exactly that class. Anything else: ``AutoTokenizer.from_pretrained``,
+    what every other tool loads. transformers 5 loads some model types' tokenizers (``qwen2``, ``phi3``, ... beside
+    their ``config.json``) as the model type's own class even when ``tokenizer_config.json`` declares a generic
+    fast tokenizer, which then tokenizes differently from ``tokenizer.json``: training follows ``AutoTokenizer``
+    there too, and warns.
     """
+    import warnings
+
     import transformers
 
-    cfg_path = Path(name_or_path) / "tokenizer_config.json"
+    folder = Path(name_or_path)
+    info_path = folder / TOKENIZER_FILE
+    if info_path.exists():
+        cls = getattr(transformers, json.loads(info_path.read_text(encoding="utf-8")).get("class", ""), None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls.from_pretrained(str(folder))
+    tok = transformers.AutoTokenizer.from_pretrained(str(name_or_path))
+    cfg_path = folder / "tokenizer_config.json"
     if cfg_path.exists():
-        cls = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_class")
-        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return transformers.PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
-    return transformers.AutoTokenizer.from_pretrained(str(name_or_path))
+        declared = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_class")
+        if declared in _GENERIC_TOKENIZERS and type(tok).__name__ not in _GENERIC_TOKENIZERS:
+            warnings.warn(
+                f"{name_or_path}: transformers loads this tokenizer as {type(tok).__name__} (from the model type in "
+                f"config.json), not as the declared {declared}, so it may tokenize differently from tokenizer.json; "
+                "training uses what AutoTokenizer.from_pretrained gives, as every tool scoring the export will. "
+                "To train on tokenizer.json as is, save it with its own tokenizer class or without config.json beside",
+                UserWarning,
+                stacklevel=2,
+            )
+    return tok
+
+
+def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> dict[str, Any]:
+    """``tokenizer.save_pretrained(folder)`` plus ``haf_tokenizer.json``: the class training used and whether
+    ``AutoTokenizer.from_pretrained(folder)`` (with the ``config.json`` already in ``folder``) gives the same ids.
+
+    Returns that record: ``{"class", "auto_tokenizer_class", "auto_tokenizer_matches"}``."""
+    import transformers
+
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    info: dict[str, Any] = {"class": type(tokenizer).__name__}
+    try:
+        auto = transformers.AutoTokenizer.from_pretrained(str(folder))
+        probes = [
+            tokenizer.decode(list(range(min(len(tokenizer), 512)))),
+            "\n\nHuman: Why is the sky blue? Explain, briefly.\n\nAssistant: Rayleigh scattering: 42 is 6 × 7.",
+        ]
+        same = all(list(auto(t)["input_ids"]) == list(tokenizer(t)["input_ids"]) for t in probes)
+        info.update(auto_tokenizer_class=type(auto).__name__, auto_tokenizer_matches=bool(same))
+    except Exception as exc:  # AutoTokenizer cannot load it at all
+        info.update(auto_tokenizer_class=None, auto_tokenizer_matches=False, auto_tokenizer_error=str(exc)[:300])
+    (folder / TOKENIZER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
 
 
 def reward_text(prompt: str, response: str, *, conversational: bool = False) -> str:

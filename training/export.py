@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .data import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, encode_for_reward, reward_contract
+from .data import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH, encode_for_reward, reward_contract, save_tokenizer
 from .model import HafRewardModel
 
 CONTRACT_FILE = "haf_reward.json"
@@ -84,6 +84,19 @@ def export_pretrained(
     seq = to_sequence_classifier(model, pad)
     seq.save_pretrained(out)
     contract = reward_contract(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        info = save_tokenizer(tokenizer, out)  # after config.json: AutoTokenizer reads the model type from it
+        contract["tokenizer_class"] = info["class"]
+        contract["auto_tokenizer_matches"] = info["auto_tokenizer_matches"]
+        if not info["auto_tokenizer_matches"]:
+            warnings.warn(
+                f"{out}: AutoTokenizer.from_pretrained loads the exported tokenizer as "
+                f"{info['auto_tokenizer_class']}, which tokenizes differently from the {info['class']} training "
+                f"used (transformers picks the class from the model type): tools that load the export with "
+                f"AutoTokenizer read other rewards. Load it with transformers.{info['class']}.from_pretrained "
+                f"(haf-score does), or train with the model type's own tokenizer",
+                stacklevel=2,
+            )
     (out / CONTRACT_FILE).write_text(json.dumps(contract, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None and pad is not None:
         ends = encode_for_reward(tokenizer, "a")
@@ -95,7 +108,6 @@ def export_pretrained(
             )
     policy = merged_causal_lm(model)
     policy.save_pretrained(out / "policy")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-        tokenizer.save_pretrained(out / "policy")
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        save_tokenizer(tokenizer, out / "policy")
     return out

@@ -678,7 +678,9 @@ def save_base(model: HafRewardModel, tokenizer: Any, base_dir: str | Path) -> Pa
     try:
         model.config.save_pretrained(tmp)
         if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
+            from .data import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)  # records the class training used (base_model/ has a config.json)
         shutil.rmtree(base_dir, ignore_errors=True)
         os.replace(tmp, base_dir)
     finally:
