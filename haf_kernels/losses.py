@@ -11,41 +11,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import backends
+from . import backends, objectives
 from .logprobs import FusedPairLossFunction, pair_chunks, token_logprobs
 from .options import LogprobOptions, compute_dtype
 from .validate import check_finite as check_finite_inputs
 from .validate import check_haf_args
-
-
-def smoothed_bt_loss(margin: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-pair Bradley–Terry loss with label smoothing ε: ``−(1−ε)·logσ(m) − ε·logσ(−m)``."""
-    loss = -F.logsigmoid(margin)
-    if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-margin)
-    return loss
-
-
-def policy_pair_loss(
-    d: torch.Tensor, kind: str, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.0
-) -> torch.Tensor:
-    """Per-pair DPO-family loss of the log-ratio difference ``d`` [B].
-
-    sigmoid: ``−(1−ε)·logσ(βd) − ε·logσ(−βd)``; hinge: ``relu(1 − βd)``; ipo: ``(d − 1/(2β))²``;
-    simpo: ``−(1−ε)·logσ(βd − γ) − ε·logσ(−(βd − γ))`` (``d`` from length-averaged log-probs).
-    """
-    if kind == "sigmoid":
-        return smoothed_bt_loss(beta * d, label_smoothing)
-    if kind == "hinge":
-        return torch.relu(1.0 - beta * d)
-    if kind == "ipo":
-        return (d - 1.0 / (2.0 * beta)) ** 2
-    if kind == "simpo":
-        return smoothed_bt_loss(beta * d - simpo_gamma, label_smoothing)
-    raise ValueError(f"policy_loss must be one of ('sigmoid', 'hinge', 'ipo', 'simpo'), got {kind!r}")
 
 
 @dataclass
@@ -107,7 +79,8 @@ def fused_haf_loss(
         rewards: ``[2B]`` reward-head scores; ``None`` drops the BT term (plain DPO family).
         ref_logps: ``[2B]`` reference sequence log-probs; ``None`` is reference-free.
         beta, alpha, reward_weight: ``loss = reward_weight·BT + alpha·policy`` (HaF: 0.1, 0.2, 1).
-        policy_loss: ``"sigmoid"`` | ``"hinge"`` | ``"ipo"`` | ``"simpo"`` (length-averaged, reference-free).
+        policy_loss: a registered objective (``haf_kernels.objectives``): ``"sigmoid"`` (DPO) | ``"hinge"`` |
+            ``"ipo"`` | ``"simpo"`` (length-averaged, reference-free) | ``"rdpo"`` (robust DPO, ε = label_smoothing).
         simpo_gamma: SimPO target margin γ. average_log_prob: use per-token means instead of sums.
         reward_margin: ``[B]`` or scalar margin subtracted inside the BT term (adaptive margin).
         label_smoothing: ε in ``[0, 0.5)`` for the BT term and the sigmoid/simpo policy terms.
@@ -164,7 +137,9 @@ def fused_haf_loss(
     two_b, seq_len, dim = hidden.shape
     opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
     name = backends.resolve(backend, dev)
-    averaged = average_log_prob or policy_loss == "simpo"
+    objective = objectives.get(policy_loss)
+    params = objectives.ObjectiveParams(beta, label_smoothing, simpo_gamma)
+    averaged = average_log_prob or objective.length_averaged
 
     weights = torch.ones(n_pairs, dtype=dt, device=dev) if pair_weights is None else pair_weights.to(dt)
     norm_weights = weights / weights.sum().clamp_min(torch.finfo(dt).tiny)
@@ -173,16 +148,13 @@ def fused_haf_loss(
 
     def log_ratio(seq: torch.Tensor, ref: torch.Tensor | None, k: int) -> torch.Tensor:
         """``d`` for k pairs from sequence log-probs [2k] (already averaged if asked)."""
-        chosen, rejected = seq[:k], seq[k:]
-        if ref is not None:
-            chosen, rejected = chosen - ref[:k], rejected - ref[k:]
-        return chosen - rejected
+        return objectives.log_ratio(seq[:k], seq[k:], *((None, None) if ref is None else (ref[:k], ref[k:])))
 
     def weighted_policy(seq_sums: torch.Tensor, ref: torch.Tensor | None, pair_idx: torch.Tensor) -> torch.Tensor:
         k = pair_idx.shape[0]
         rows = torch.cat([pair_idx, pair_idx + n_pairs])
         d = log_ratio(seq_sums / denom[rows], ref, k)
-        terms = policy_pair_loss(d, policy_loss, beta, label_smoothing, simpo_gamma)
+        terms = objective.loss(d, params)
         return (terms * norm_weights[pair_idx]).sum()
 
     ref = None if ref_logps is None else ref_logps.to(dt)
@@ -235,7 +207,7 @@ def fused_haf_loss(
         m = reward_diff
         if reward_margin is not None:
             m = m - (reward_margin.to(dt) if isinstance(reward_margin, torch.Tensor) else float(reward_margin))
-        reward_loss = (smoothed_bt_loss(m, label_smoothing) * norm_weights).sum()
+        reward_loss = (objectives.bradley_terry(m, label_smoothing) * norm_weights).sum()
         loss = loss + reward_weight * reward_loss
         reward_acc = (reward_diff > 0).to(dt).mean()
 

@@ -10,14 +10,13 @@ import math
 
 import torch
 
+from . import objectives
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class NonFiniteInputError(ValueError):
     """A ``check_finite=True`` call met NaN/Inf in an input; the message names the argument(s)."""
-
-
-POLICY_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -153,10 +152,9 @@ def check_haf_args(
         if t.dim() != 1 or t.shape[0] != 2 * n_pairs:
             raise ValueError(f"{name} must be [2B] = [{2 * n_pairs}] (chosen then rejected), got shape {_shape(t)}")
         check_same_device("hidden", hidden, **{name: t})
-    if policy_loss not in POLICY_LOSSES:
-        raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
-    if policy_loss == "simpo" and ref_logps is not None:
-        raise ValueError("policy_loss='simpo' is reference-free: pass ref_logps=None")
+    objective = objectives.get(policy_loss)  # ValueError naming the registered objectives
+    if objective.reference_free and ref_logps is not None:
+        raise ValueError(f"policy_loss={policy_loss!r} is reference-free: pass ref_logps=None")
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     for name, value in (("alpha", alpha), ("reward_weight", reward_weight)):

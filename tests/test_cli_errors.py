@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from haf_kernels import objectives
 from training.cli import train_main
 from training.synthetic import write_task
 
@@ -175,7 +176,7 @@ ROWS: list[tuple[str, A, str]] = [
     (
         "policy-loss",
         flags("--policy_loss", "kto"),
-        r"^policy_loss: must be one of sigmoid\|hinge\|ipo\|simpo, got 'kto'",
+        rf"^policy_loss: must be one of {re.escape('|'.join(objectives.names()))}, got 'kto'$",
     ),
     (
         "reference-mode",

@@ -12,7 +12,7 @@ from conftest import BACKENDS, DTYPES, rel_err, tol
 
 import haf_kernels as hk
 
-POLICIES = ["sigmoid", "hinge", "ipo", "simpo"]
+POLICIES = ["sigmoid", "hinge", "ipo", "simpo", "rdpo"]
 
 
 def naive_haf(
@@ -64,6 +64,8 @@ def naive_haf(
         terms = torch.relu(1 - beta * d)
     elif policy == "ipo":
         terms = (d - 1 / (2 * beta)) ** 2
+    elif policy == "rdpo":
+        terms = ((1 - eps) * -F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
     else:
         terms = bt(beta * d - gamma)
     wsum = w.sum()

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import haf_kernels as hk
+from haf_kernels import objectives
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -16,7 +17,7 @@ import haf_kernels as hk
     t=st.integers(1, 6),
     d=st.integers(1, 12),
     v=st.integers(1, 80),
-    policy=st.sampled_from(["sigmoid", "hinge", "ipo", "simpo"]),
+    policy=st.sampled_from(objectives.names()),
     use_ref=st.booleans(),
     eps=st.sampled_from([0.0, 0.25]),
     softcap=st.sampled_from([None, 2.0]),
@@ -31,7 +32,11 @@ def test_backends_agree(n_pairs, t, d, v, policy, use_ref, eps, softcap, scale, 
     labels = torch.randint(0, v, (2 * n_pairs, t), generator=gen)
     labels[torch.rand(2 * n_pairs, t, generator=gen) < ignore_frac] = -100
     rewards = torch.randn(2 * n_pairs, generator=gen, dtype=torch.float64)
-    ref = None if (policy == "simpo" or not use_ref) else torch.randn(2 * n_pairs, generator=gen, dtype=torch.float64)
+    ref = (
+        None
+        if (objectives.get(policy).reference_free or not use_ref)
+        else torch.randn(2 * n_pairs, generator=gen, dtype=torch.float64)
+    )
     kw = dict(policy_loss=policy, label_smoothing=eps, softcap=softcap, logit_scale=scale)
 
     def run(backend, dtype):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from haf_kernels import objectives
+
 from .errors import UserError
 
 
@@ -53,7 +55,7 @@ class TrainConfig:
     beta: float = 0.1
     alpha: float = 0.2
     reward_weight: float = 1.0
-    policy_loss: str = "sigmoid"  # sigmoid | hinge | ipo | simpo
+    policy_loss: str = "sigmoid"  # a haf_kernels.objectives name: sigmoid | hinge | ipo | simpo | rdpo
     simpo_gamma: float = 0.0
     average_log_prob: bool = False
     label_smoothing: float = 0.0
@@ -226,7 +228,7 @@ class TrainConfig:
         num("reward_weight", 0.0)
         if not typ_bad & {"alpha", "reward_weight"} and self.alpha == 0 and self.reward_weight == 0:
             bad("reward_weight", "alpha and reward_weight are both 0: the loss would be 0")
-        choice("policy_loss", ("sigmoid", "hinge", "ipo", "simpo"))
+        choice("policy_loss", objectives.names())
         num("simpo_gamma")
         num("label_smoothing", 0.0, 0.5, hi_open=True)
         num("margin_scale")
@@ -330,7 +332,9 @@ class TrainConfig:
     def reference_mode(self) -> str:
         if self.reference != "auto":
             return self.reference
-        if self.policy_loss == "simpo" or self.alpha == 0:
+        if self.alpha == 0 or (
+            self.policy_loss in objectives.names() and objectives.get(self.policy_loss).reference_free
+        ):
             return "none"
         return "lora" if self.lora_r > 0 else "precomputed"
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from haf_kernels import objectives
+
 from .data import PreferenceDataset, collate_pairs
 from .distributed import DistInfo, gather_objects
 from .model import HafRewardModel, RewardModelOutput
@@ -102,11 +104,12 @@ def evaluate(
         with autocast():
             rewards, (sums, counts) = model(batch.input_ids, batch.attention_mask, compute=compute)
             ref = reference(batch, split, model=model, raw=raw)
-        pol = sums / counts.clamp_min(1) if averaged else sums
+        pol = objectives.sequence_logps(sums, counts, averaged)
+        ref_c = ref_r = None
         if ref is not None:
-            rs, rc = ref
-            pol = pol - (rs / rc.clamp_min(1) if averaged else rs)
-        d = (pol[:b] - pol[b:]).float().cpu()
+            ref_lp = objectives.sequence_logps(*ref, averaged)
+            ref_c, ref_r = ref_lp[:b], ref_lp[b:]
+        d = objectives.log_ratio(pol[:b], pol[b:], ref_c, ref_r).float().cpu()
         rewards = rewards.float().cpu()
         rmargin = rewards[:b] - rewards[b:]
         if not real:
@@ -119,7 +122,7 @@ def evaluate(
                     "reward_chosen": float(rewards[k]),
                     "reward_rejected": float(rewards[b + k]),
                     "reward_margin": float(rmargin[k]),
-                    "implicit_margin": float(beta * d[k]),
+                    "implicit_margin": float(beta * d[k]),  # objectives.implicit_margin, per pair
                     "subset": batch.subsets[k],
                     "true_margin": None if tc is None else float(tc[k] - tr[k]),
                 }

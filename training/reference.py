@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from haf_kernels import sequence_logprobs
+from haf_kernels import objectives, sequence_logprobs
 
 from .data import PairBatch, PreferenceDataset, collate_pairs
 from .model import HafRewardModel, RewardModelOutput
@@ -172,5 +172,4 @@ def for_loss(ref: tuple[torch.Tensor, torch.Tensor] | None, averaged: bool) -> t
     """``ref_logps`` for ``fused_haf_loss``: sums, or per-token means when the loss averages log-probs."""
     if ref is None:
         return None
-    sums, counts = ref
-    return sums / counts.clamp_min(1).to(sums.dtype) if averaged else sums
+    return objectives.sequence_logps(*ref, averaged)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from haf_kernels import fused_haf_loss
+from haf_kernels import fused_haf_loss, objectives
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
             write=info.is_main,
             autocast=autocast,
         )
-    averaged = cfg.average_log_prob or cfg.policy_loss == "simpo"
+    averaged = cfg.average_log_prob or objectives.get(cfg.policy_loss).length_averaged
     log(
         f"[haf-train] reference: {mode}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"trainable parameters; {max_steps} steps × {cfg.batch_size} pairs (accum {accum}, world {info.world_size})"

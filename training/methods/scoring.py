@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from haf_kernels import objectives
+
 from ..data import PreferenceDataset, collate_pairs
 from ..reference import seq_logprobs_fn
 
@@ -42,7 +44,7 @@ def _pass(model, dataset: PreferenceDataset, pad_id: int, batch_size: int, avera
         rewards, (sums, counts) = model(
             batch.input_ids, batch.attention_mask, compute=lambda out, m: (out.rewards.float(), base(out, m))
         )
-        lp = sums / counts.clamp_min(1) if averaged else sums
+        lp = objectives.sequence_logps(sums, counts, averaged)
         b = batch.n_pairs
         rc.append(rewards[:b]), rr.append(rewards[b:]), lc.append(lp[:b]), lr_.append(lp[b:])
     model.train(was)
@@ -66,5 +68,5 @@ def score_pairs(
     implicit = None
     if reference is not None:
         _, _, ref_c, ref_r = _pass(reference, dataset, pad_token_id, batch_size, averaged, backend)
-        implicit = beta * ((lc - ref_c) - (lr_ - ref_r))
+        implicit = objectives.implicit_margin(beta, lc, lr_, ref_c, ref_r)
     return PairScores(rc, rr, lc, lr_, implicit)
