@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from training.cli import run_cli
 from training.data import BadRowError, load_preferences, read_rows
-from training.errors import SKIP_HINT, DataNotFoundError, cli_errors
+from training.errors import SKIP_HINT, DataNotFoundError
 from training.synthetic import build_tokenizer, write_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,16 +200,22 @@ def test_failing_chat_template_is_a_bad_row(tmp_path, tok):
 
 
 def test_cli_errors_one_line(capsys):
-    with pytest.raises(SystemExit) as ex, cli_errors():
-        raise BadRowError("d.jsonl: row 7: empty response (chosen is blank)")
+    def fail(exc):
+        def work():
+            raise exc
+
+        return work
+
+    with pytest.raises(SystemExit) as ex:
+        run_cli("prog", fail(BadRowError("d.jsonl: row 7: empty response (chosen is blank)")))
     assert ex.value.code == 1
     err = capsys.readouterr().err
-    assert err == f"error: d.jsonl: row 7: empty response (chosen is blank) ({SKIP_HINT})\n"
-    with pytest.raises(SystemExit), cli_errors():
-        raise DataNotFoundError("x.jsonl: not found (no such file or folder)")
-    assert capsys.readouterr().err == "error: x.jsonl: not found (no such file or folder)\n"
-    with pytest.raises(KeyError), cli_errors():  # anything else is a real bug: traceback as usual
-        raise KeyError("x")
+    assert err == f"prog: error: d.jsonl: row 7: empty response (chosen is blank) ({SKIP_HINT})\n"
+    with pytest.raises(SystemExit):
+        run_cli("prog", fail(DataNotFoundError("x.jsonl: not found (no such file or folder)")))
+    assert capsys.readouterr().err == "prog: error: x.jsonl: not found (no such file or folder)\n"
+    with pytest.raises(KeyError):  # anything else is a real bug: traceback as usual
+        run_cli("prog", fail(KeyError("x")))
 
 
 @pytest.fixture(scope="module")

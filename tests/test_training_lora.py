@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from training.config import TrainConfig, load_config_file
+from training.ensemble import load_member
 from training.lora import resolve_lora_targets
-from training.methods.ensemble import load_member
 from training.model import HafRewardModel, apply_lora
 from training.synthetic import SyntheticTask, write_task
 from training.trainer import build_model, load_tokenizer, train

@@ -199,6 +199,6 @@ def strength_main(argv: list[str] | None = None) -> dict:
 
     Returns the run summary; a bad row or a missing data file is one ``error: …`` line and exit status 1.
     """
-    from .methods import strength
+    from .ensemble import main
 
-    return strength.main(argv)
+    return run_cli("haf-strength", lambda: main(argv))

@@ -20,7 +20,7 @@ in ``PairExample.columns`` for the loss, evaluation and RM methods.
 A bad row (missing field, empty response, e.g. an implicit-prompt transcript that is the start of the other one,
 chosen == rejected, undecodable, a failing chat template) raises ``BadRowError`` naming the file, the 1-based row
 number (the line number for JSON lines) and the reason, or, with ``skip_bad_rows``, is counted in ``LoadReport``
-(never silently dropped). The CLIs print it as one line with the ``--skip-bad-rows`` hint (``errors.cli_errors``).
+(never silently dropped). The CLIs print it as one line with the ``--skip-bad-rows`` hint (``cli.run_cli``).
 
 The reward contract (one definition, used by the trainer, its evaluation, ``haf-score`` and the export's
 ``haf_reward.json``): the reward of ``(prompt, response)`` is read at the last token of
@@ -50,16 +50,13 @@ from typing import Any
 
 import torch
 
+from .errors import BadRowError, DataFormatError, DataNotFoundError
+
 RESERVED = {"prompt", "chosen", "rejected", "subset"}
 HH_ASSISTANT = "\n\nAssistant:"
 CONTRACT_VERSION = 1  # of the reward contract (module docstring); written to the export's haf_reward.json
 DEFAULT_MAX_LENGTH = 1024  # fits multi-turn conversational data (HH-RLHF) with room for the response
 DEFAULT_MAX_PROMPT_LENGTH = 768
-
-
-class BadRowError(ValueError):
-    """A data row that cannot be used; the message is ``<source>: row <N>: <reason>`` (N 1-based: the line number
-    of a JSON-lines file). CLIs report it as one line plus the ``--skip-bad-rows`` hint (``errors.cli_errors``)."""
 
 
 @dataclass
@@ -180,8 +177,6 @@ def _open_data(path: Path, compression: str | None):
     """A binary file object over the decompressed content of ``path``."""
     import io
 
-    from .errors import DataFormatError
-
     if compression is None:
         return open(path, "rb")
     if compression == "gzip":
@@ -232,8 +227,6 @@ def read_rows(source: str | os.PathLike, split: str = "train") -> list[tuple[int
     ``datasets.load_dataset`` and, when that fails too, the error says both what was looked for locally and why
     the Hub load failed.
     """
-    from .errors import DataFormatError, DataNotFoundError
-
     path = Path(source).expanduser()
     if path.is_dir():
         import datasets
@@ -299,8 +292,6 @@ def _jsonl_rows(f: Any, path: Path) -> list[tuple[int, Any]]:
 
 def _json_rows(data: bytes, path: Path, split: str) -> list[tuple[int, Any]]:
     import io
-
-    from .errors import DataFormatError
 
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -457,6 +448,27 @@ def normalise_row(row: Any, tokenizer: Any) -> tuple[str, str, str, str | None, 
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
+def load_tokenizer(cfg: Any, saved: str | os.PathLike | None = None) -> Any:
+    """The tokenizer of a ``TrainConfig``: the synthetic task's word-level one (``cfg.tokenizer == "synthetic"``)
+    or ``load_tokenizer_dir(cfg.tokenizer or cfg.model)``, padded on the right (pad = EOS / unk if missing).
+
+    ``saved``: a run's ``base_model`` folder, used when ``cfg.tokenizer`` / ``cfg.model`` is not a local folder
+    (moved, deleted, or a hub name) and the run saved a copy.
+    """
+    if cfg.tokenizer == "synthetic":
+        from .synthetic import SyntheticTask
+
+        return SyntheticTask().tokenizer()
+    source = cfg.tokenizer or cfg.model
+    if saved is not None and not Path(source).exists() and (Path(saved) / "tokenizer_config.json").exists():
+        source = str(saved)
+    tok = load_tokenizer_dir(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
 TOKENIZER_FILE = "haf_tokenizer.json"  # beside a tokenizer this package saved: the class training used
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 

@@ -1,16 +1,18 @@
-"""User-input errors that the command-line tools report as one line (``error: …``) instead of a traceback.
+"""User-input errors that the command-line tools report as one line instead of a traceback.
 
-``cli_errors`` is a context manager (and decorator) for CLI entry points: a ``training.data.BadRowError``
-becomes ``error: <file>: row N: <reason> (use --skip-bad-rows to skip such rows)``, a ``UserError`` (data file
-not found / unreadable format, LoRA targets the model lacks) ``error: <message>``; both exit with status 1.
+``cli_message`` gives that line (``cli.run_cli`` prints it, exit status 1): a ``BadRowError`` becomes
+``error: <file>: row N: <reason> (use --skip-bad-rows to skip such rows)``, a ``UserError`` (data file not found /
+unreadable format, LoRA targets the model lacks) ``error: <message>``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-
 SKIP_HINT = "use --skip-bad-rows to skip such rows"
+
+
+class BadRowError(ValueError):
+    """A data row that cannot be used; the message is ``<source>: row <N>: <reason>`` (N 1-based: the line number
+    of a JSON-lines file). CLIs report it as one line plus the ``--skip-bad-rows`` hint (``cli_message``)."""
 
 
 class UserError(Exception):
@@ -36,26 +38,8 @@ def one_line(text: str) -> str:
 
 def cli_message(exc: BaseException) -> str | None:
     """The one-line CLI message of ``exc``, or ``None`` when it is not a user-input error."""
-    from .data import BadRowError
-
     if isinstance(exc, BadRowError):
         return f"error: {one_line(str(exc))} ({SKIP_HINT})"
     if isinstance(exc, UserError):
         return f"error: {one_line(str(exc))}"
     return None
-
-
-@contextlib.contextmanager
-def cli_errors():
-    """Report bad rows and other user-input errors as one line on stderr and exit 1 (no traceback).
-
-    Use as ``with cli_errors(): ...`` or as the decorator ``@cli_errors()`` of a ``*_main`` function.
-    """
-    try:
-        yield
-    except Exception as exc:
-        msg = cli_message(exc)
-        if msg is None:
-            raise
-        print(msg, file=sys.stderr, flush=True)
-        raise SystemExit(1) from None

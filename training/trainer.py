@@ -28,7 +28,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,10 @@ from haf_kernels import fused_haf_loss, objectives
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, TrainConfig
-from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences
+from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences, load_tokenizer
 from .evaluate import evaluate
+from .hooks import StepState, TrainHooks
+from .methods.integration import method_hooks, prepare_method_data
 from .model import HafRewardModel, RewardModelOutput, apply_lora, build_causal_lm, frozen_copy
 from .reference import ReferenceLogps, for_loss
 from .tracking import MetricsLogger, format_metrics, plot_curves
@@ -78,55 +79,7 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient stopped training (or non-finite weights stopped a checkpoint)."""
 
 
-@dataclass
-class TrainHooks:
-    """Optional callables that plug RM methods into the loop (see the module docstring)."""
-
-    on_model: Callable[[HafRewardModel, TrainConfig], None] | None = None
-    pair_terms: Callable[[PairBatch, TrainConfig], tuple[Any, Any]] | None = None
-    aux_loss: Callable[[RewardModelOutput, PairBatch, HafRewardModel, int], torch.Tensor | None] | None = None
-    on_step_end: Callable[[StepState], None] | None = None
-    # MetaRM: parameters (name → tensor, differentiable functions of the model's) at which this step's loss is
-    # computed, through ``torch.func.functional_call``; ``None`` = the model's own (single process only)
-    forward_params: Callable[[HafRewardModel, int], dict[str, torch.Tensor] | None] | None = None
-
-
-@dataclass
-class StepState:
-    """What ``on_step_end`` sees: the step just finished and the live objects of the run."""
-
-    step: int
-    model: torch.nn.Module
-    raw_model: HafRewardModel
-    optimizer: torch.optim.Optimizer
-    cfg: TrainConfig
-    info: D.DistInfo
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------------------------------------- building blocks
-def load_tokenizer(cfg: TrainConfig, saved: str | Path | None = None):
-    """The synthetic task's word-level tokenizer (``"synthetic"``) or ``AutoTokenizer`` (pad set if missing).
-
-    ``saved``: a run's ``base_model`` folder, used when ``cfg.tokenizer`` / ``cfg.model`` is not a local folder
-    (moved, deleted, or a hub name) and the run saved a copy.
-    """
-    if cfg.tokenizer == "synthetic":
-        from .synthetic import SyntheticTask
-
-        return SyntheticTask().tokenizer()
-    from .data import load_tokenizer_dir
-
-    source = cfg.tokenizer or cfg.model
-    if saved is not None and not Path(source).exists() and (Path(saved) / "tokenizer_config.json").exists():
-        source = str(saved)
-    tok = load_tokenizer_dir(source)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    tok.padding_side = "right"
-    return tok
-
-
 def load_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreferenceDataset, PreferenceDataset]:
     """Train and held-out datasets; without ``eval_data`` a seeded ``eval_fraction`` of train is held out.
 
@@ -212,8 +165,6 @@ def step_indices(step: int, n: int, cfg: TrainConfig, seed: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Train a HaF reward model; returns the final metrics (on rank 0; ``{}`` on other ranks)."""
-    from .methods.integration import method_hooks, prepare_method_data
-
     cfg.validate(need_data=True)  # every problem at once, before any work
     data_fp = {k: ckpt.data_fingerprint(getattr(cfg, k)) for k in DATA_KEYS if getattr(cfg, k)}
     user_cfg = cfg.to_dict()

@@ -133,7 +133,7 @@ def evaluate_run(run_dir: Path, paths: dict[str, str], scored_by: str, skip_bad_
     """Reward-head and implicit-reward accuracy against the true order on ``test`` and ``shift``."""
     import torch
 
-    from training.methods.ensemble import load_member
+    from training.ensemble import load_member
     from training.methods.scoring import score_pairs
     from training.model import frozen_copy
     from training.trainer import build_model
@@ -163,8 +163,8 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> d
 
     torch.set_num_threads(1)
     from training.config import TrainConfig
+    from training.ensemble import run_strength_ensemble
     from training.methods import strength as S
-    from training.methods.ensemble import run_strength_ensemble
     from training.trainer import train
 
     work = Path(work_s)
@@ -404,7 +404,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from training.errors import cli_errors
+    from training.cli import run_cli
 
-    with cli_errors():  # a bad data row: one line with the --skip-bad-rows hint, exit status 1
-        main()
+    run_cli("secrets_rlhf", main)  # a bad data row: one line with the --skip-bad-rows hint, exit status 1

@@ -180,7 +180,7 @@ def metarm_forward_params(cfg: Any, tokenizer: Any):
 
 def method_hooks(cfg: Any, tokenizer: Any = None, base: Any = None) -> Any:
     """``TrainHooks`` for the configured methods (``base`` hooks' callables are kept where not overridden)."""
-    from ..trainer import TrainHooks
+    from ..hooks import TrainHooks
 
     hooks = base if base is not None else TrainHooks()
     if _get(cfg, "contrastive", ""):
@@ -197,7 +197,7 @@ def method_hooks(cfg: Any, tokenizer: Any = None, base: Any = None) -> Any:
         if not hasattr(hooks, "forward_params"):
             raise RuntimeError("this trainer has no forward_params hook (MetaRM needs it)")
         if tokenizer is None:
-            from ..trainer import load_tokenizer
+            from ..data import load_tokenizer
 
             tokenizer = load_tokenizer(cfg)
         hooks.forward_params = metarm_forward_params(cfg, tokenizer)

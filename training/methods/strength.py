@@ -221,16 +221,3 @@ def plot_strength_histogram(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``haf-strength`` (``training.cli:strength_main``): trains the ensemble; see ``ensemble.main``.
-
-    A bad data row (unless ``--skip-bad-rows``) or a missing data file is reported as one ``error: …`` line
-    and exit status 1.
-    """
-    from ..errors import cli_errors
-    from .ensemble import main as ensemble_main
-
-    with cli_errors():
-        return ensemble_main(argv)

@@ -22,8 +22,12 @@ from typing import Any
 
 import torch
 
-from . import strength as S
-from .scoring import score_pairs
+from . import checkpoint as ckpt
+from .config import TrainConfig, build_config, help_text
+from .data import load_preferences, load_tokenizer, read_rows
+from .methods import strength as S
+from .methods.scoring import score_pairs
+from .trainer import build_model, train
 
 METHOD_FIELDS = dict(noisy_mode="", adaptive_margin=0.0, contrastive="", metarm_data="")
 
@@ -48,9 +52,6 @@ def member_config(cfg: Any, m: int, run_dir: Path, train_data: str) -> Any:
 
 def load_member(run_dir: Path, device: str = "cpu"):
     """The trained member model (checkpoint), ignoring auxiliary method modules."""
-    from .. import checkpoint as ckpt
-    from ..config import TrainConfig
-    from ..trainer import build_model, load_tokenizer
 
     state = ckpt.load(run_dir / ckpt.CHECKPOINT)
     cfg = TrainConfig.from_dict(state["config"])
@@ -70,7 +71,6 @@ def usable_rows(cfg: Any, tokenizer: Any, work_dir: Path) -> tuple[list[dict[str
     A bad row raises ``BadRowError`` (file and row number) unless ``cfg.skip_bad_rows``; then the kept rows are
     found by tagging every row with its position and loading the tagged copy exactly as the trainer loads data.
     """
-    from ..data import load_preferences, read_rows
 
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, split=cfg.train_split)
     skip = bool(getattr(cfg, "skip_bad_rows", False))
@@ -105,7 +105,6 @@ def run_strength_ensemble(
     Returns a summary: paths, per-member wall time, and (when the data has ``flipped``) the AUROC of
     ``−strength_mean`` for detecting flipped labels and the fraction of pairs with ``strength_mean < 0``.
     """
-    from ..trainer import load_tokenizer, train
 
     root = Path(cfg.run_dir)
     out_path = Path(out_path) if out_path else root / "train_strength.jsonl"
@@ -186,8 +185,6 @@ _STRENGTH_FLAGS = {
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``haf-strength`` entry point (``training.cli:strength_main``)."""
     import sys
-
-    from ..config import build_config, help_text
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
