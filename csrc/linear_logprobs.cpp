@@ -547,10 +547,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_saved(const Tensor& saved, const Ten
                                                   std::optional<double> softcap, int64_t chunk_tokens,
                                                   int64_t vocab_tile, bool need_h, bool need_w, bool need_b,
                                                   const std::optional<Tensor>& dw_acc,
-                                                  const std::optional<Tensor>& db_acc) {
+                                                  const std::optional<Tensor>& db_acc, int64_t partial_bytes) {
   TORCH_CHECK(saved.defined(), "haf_kernels._C: saved must be the tensor returned by forward_keep");
   return backward_common(saved, grad_logp, hidden, weight, labels, bias, lse, ignore_index, logit_scale, softcap,
-                         chunk_tokens, vocab_tile, need_h, need_w, need_b, int64_t(64) << 20, dw_acc, db_acc);
+                         chunk_tokens, vocab_tile, need_h, need_w, need_b, partial_bytes, dw_acc, db_acc);
 }
 
 }  // namespace
@@ -575,7 +575,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
         py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
         py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"),
-        py::arg("dw_acc") = py::none(), py::arg("db_acc") = py::none());
+        py::arg("dw_acc") = py::none(), py::arg("db_acc") = py::none(), py::arg("partial_bytes") = int64_t(64) << 20);
   m.def("isa", &haf::isa_active, "instruction set of the float row kernels in use (x86-64-v4, x86-64-v3, default)");
   m.def("isa_supported", &haf::isa_supported, "instruction sets this CPU and build can run, best first");
   m.def("set_isa", &haf::set_isa, "force the float row kernels' instruction set ('auto' = best supported)",

@@ -14,7 +14,8 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import backends
-from .options import LogprobOptions, chunk_budget_bytes, compute_dtype, keep_max_bytes
+from .options import LogprobOptions, compute_dtype
+from .tuning import Tuning, current
 from .validate import check_finite as check_finite_inputs
 from .validate import check_labels, check_logprob_args
 
@@ -244,17 +245,21 @@ def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
     return forward_keep, backward_saved
 
 
-def pair_chunks(labels: torch.Tensor, vocab: int, ignore_index: int) -> list[tuple[int, int]] | None:
-    """Split the B pairs into runs ``[p0, p1)`` whose kept fp32 logits fit ``HAF_CHUNK_MB``.
+def pair_chunks(
+    labels: torch.Tensor, vocab: int, ignore_index: int, tuning: Tuning | None = None
+) -> list[tuple[int, int]] | None:
+    """Split the B pairs into runs ``[p0, p1)`` whose kept fp32 logits fit ``tuning.keep_chunk_mb``.
 
     Only non-ignored tokens are kept, so a pair costs ``(valid_c + valid_r)·V·4`` bytes. A single pair may
-    exceed ``HAF_CHUNK_MB`` (it is the least the 3-GEMM path can keep) up to ``HAF_KEEP_MAX_MB`` (default
-    512); returns ``None`` when one does not fit even that (the caller then recomputes in backward instead).
+    exceed ``keep_chunk_mb`` (it is the least the 3-GEMM path can keep) up to ``keep_max_mb``; returns ``None``
+    when one does not fit even that (the caller then recomputes in backward instead). ``tuning``: default
+    ``haf_kernels.tuning.current()`` (``HAF_KEEP_CHUNK_MB``, ``HAF_KEEP_MAX_MB``).
     """
     n_pairs = labels.shape[0] // 2
     counts = (labels != ignore_index).sum(dim=1).tolist()
-    budget_tokens = chunk_budget_bytes() // (4 * max(vocab, 1))
-    cap_tokens = keep_max_bytes() // (4 * max(vocab, 1))
+    tuning = tuning or current()
+    budget_tokens = (tuning.keep_chunk_mb << 20) // (4 * max(vocab, 1))
+    cap_tokens = (tuning.keep_max_mb << 20) // (4 * max(vocab, 1))
     chunks: list[tuple[int, int]] = []
     start, used = 0, 0
     for i in range(n_pairs):

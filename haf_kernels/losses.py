@@ -7,7 +7,6 @@ part (token log-probs) goes through ``logprobs.py`` and never materialises full-
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +38,6 @@ class HafLossOutput:
     implicit_margin: torch.Tensor
     reward_accuracy: torch.Tensor | None
     implicit_accuracy: torch.Tensor
-
-
-def _grad_in_forward_default() -> bool:
-    return os.environ.get("HAF_GRAD_IN_FORWARD", "1") != "0"
 
 
 def fused_haf_loss(
@@ -89,7 +84,7 @@ def fused_haf_loss(
         grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
             outputs detached). ``None``: on when gradients are needed, the backend keeps logits natively
             (``torch``, ``cpp``) and one pair's kept fp32 logits (non-ignored tokens × V) fit
-            ``HAF_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
+            ``HAF_KEEP_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
         check_finite: raise ``NonFiniteInputError`` (a ``ValueError`` naming the argument) when ``hidden``,
             ``lm_head_weight``, ``lm_head_bias``, ``rewards``, ``ref_logps`` or ``reward_margin`` holds NaN/Inf
             (``hidden``: at non-ignored tokens only), instead of returning a NaN loss. One extra read of the
@@ -166,10 +161,10 @@ def fused_haf_loss(
         # Default only where the backend keeps logits natively (3 GEMMs); otherwise one big recompute pass
         # over all tokens keeps the device fuller than many pair-sized chunks.
         keeps = hasattr(backends.get(name), "forward_keep")
-        use_fused = use_fused and keeps and _grad_in_forward_default()
+        use_fused = use_fused and keeps and opts.tuning.grad_in_forward
     else:
         use_fused = use_fused and grad_in_forward
-    chunks = pair_chunks(labels, lm_head_weight.shape[0], ignore_index) if use_fused else None
+    chunks = pair_chunks(labels, lm_head_weight.shape[0], ignore_index, opts.tuning) if use_fused else None
     if chunks is None and grad_in_forward is None:
         use_fused = False  # a single pair's logits exceed the budget: recompute in backward instead
     elif chunks is None:

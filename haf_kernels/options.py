@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-_DEFAULT_CHUNK_MB = 64
-
-
-def _env_int(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
-    if value <= 0:
-        raise ValueError(f"environment variable {name} must be positive, got {value}")
-    return value
+from .tuning import Tuning, current
 
 
 @dataclass(frozen=True)
@@ -29,9 +15,10 @@ class LogprobOptions:
 
     ``logits = softcap · tanh((h·Wᵀ + b) · logit_scale / softcap)`` (no tanh when ``softcap is None``).
 
-    ``chunk_tokens`` / ``chunk_vocab`` tile the chunked backends; ``None`` picks a size that keeps one
-    fp32 logits tile at about ``HAF_CHUNK_MB`` MiB (default 64). ``HAF_CHUNK_TOKENS`` and
-    ``HAF_CHUNK_VOCAB`` override the defaults from the environment.
+    ``chunk_tokens`` / ``chunk_vocab`` tile the chunked backends (arguments win); ``None`` takes
+    ``tuning.chunk_tokens`` / ``tuning.chunk_vocab`` (``HAF_CHUNK_TOKENS`` / ``HAF_CHUNK_VOCAB``), else a size that
+    keeps one fp32 logits tile at ``tuning.tile_mb`` MiB. ``tuning``: every other knob (``haf_kernels.tuning``),
+    read from the environment when the options are made.
     """
 
     ignore_index: int = -100
@@ -39,26 +26,21 @@ class LogprobOptions:
     softcap: float | None = None
     chunk_tokens: int | None = None
     chunk_vocab: int | None = None
+    tuning: Tuning = field(default_factory=current, compare=False)
 
     def tile(self, n_tokens: int, vocab: int) -> tuple[int, int]:
         """Token and vocab tile sizes for a problem of ``n_tokens × vocab`` logits."""
-        chunk_v = self.chunk_vocab or _env_int("HAF_CHUNK_VOCAB", None) or min(vocab, 65536)
+        chunk_v = self.vocab_tile() or min(vocab, 65536)
         chunk_v = max(1, min(chunk_v, vocab))
-        chunk_t = self.chunk_tokens or _env_int("HAF_CHUNK_TOKENS", None)
+        chunk_t = self.chunk_tokens or self.tuning.chunk_tokens
         if chunk_t is None:
-            budget = chunk_budget_bytes() // 4
+            budget = (self.tuning.tile_mb << 20) // 4
             chunk_t = max(16, budget // max(chunk_v, 1))
         return max(1, min(chunk_t, max(n_tokens, 1))), chunk_v
 
-
-def chunk_budget_bytes() -> int:
-    """Bytes one fp32 logits tile may take (``HAF_CHUNK_MB`` MiB, default 64)."""
-    return (_env_int("HAF_CHUNK_MB", _DEFAULT_CHUNK_MB) or _DEFAULT_CHUNK_MB) * (1 << 20)
-
-
-def keep_max_bytes() -> int:
-    """Most bytes of fp32 logits the whole-loss path keeps for one pair (``HAF_KEEP_MAX_MB``, default 512)."""
-    return (_env_int("HAF_KEEP_MAX_MB", 512) or 512) * (1 << 20)
+    def vocab_tile(self) -> int | None:
+        """``chunk_vocab`` from the arguments, else from the tuning (``None``: the backend's default)."""
+        return self.chunk_vocab or self.tuning.chunk_vocab
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

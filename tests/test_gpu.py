@@ -271,7 +271,7 @@ def test_peak_memory_well_below_full_logits():
     full_logits = n * v * 4
     grads_out = dh.numel() * dh.element_size() + dw.numel() * dw.element_size()
     assert fwd_extra < full_logits / 100, (fwd_extra, full_logits)
-    # beyond the gradients themselves: one vocab chunk of dz (HAF_CHUNK_MB) + an fp32 [N, D] accumulator
+    # beyond the gradients themselves: one vocab chunk of dz (HAF_TRITON_DZ_MB) + an fp32 [N, D] accumulator
     assert extra - grads_out < full_logits / 8, (extra, grads_out, full_logits)
 
 

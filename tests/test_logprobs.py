@@ -213,7 +213,7 @@ def test_pair_chunks_budget(monkeypatch):
 
     labels = torch.zeros(6, 10, dtype=torch.long)  # 3 pairs of 20 kept tokens each
     labels[2, 5:] = -100  # pair 2 keeps 15
-    monkeypatch.setenv("HAF_CHUNK_MB", "1")
+    monkeypatch.setenv("HAF_KEEP_CHUNK_MB", "1")
     vocab = (1 << 20) // (4 * 40)  # 40 tokens fill the budget
     assert pair_chunks(labels, vocab, -100) == [(0, 2), (2, 3)]
     vocab = (1 << 20) // (4 * 10)  # one pair (20 tokens) exceeds the budget but not the cap: one pair a chunk

@@ -98,7 +98,9 @@ def supports_device(name: str, device: torch.device) -> bool:
 def resolve(backend: str, device: torch.device) -> str:
     """Concrete backend name for ``backend`` (``"auto"`` or a name) and tensors on ``device``."""
     if backend == "auto":
-        backend = os.environ.get("HAF_KERNELS_BACKEND", "auto") or "auto"
+        from ..tuning import current
+
+        backend = current().backend
     if backend == "auto":
         if device.type == "cuda" and is_available("triton"):
             return "triton"

@@ -20,12 +20,12 @@ Plain PyTorch equivalent (what ``backends/reference.py`` computes)::
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from ..options import LogprobOptions, compute_dtype
+from ..tuning import Tuning, current
 
 NAME = "cpp"
 
@@ -56,7 +56,7 @@ def is_available() -> bool:
 
 def isa() -> str:
     """Instruction set of the float row kernels in use: ``x86-64-v4`` (AVX-512), ``x86-64-v3`` (AVX2) or ``default``."""
-    _apply_isa_env()
+    _apply_isa(current())
     return _C.isa()
 
 
@@ -69,55 +69,42 @@ def set_isa(name: str) -> None:
     """Force the float row kernels' instruction set (``"auto"``: the best this CPU supports).
 
     Every path computes the same function; the last bits differ (SIMD width, FMA contraction). Tests use this
-    to cover the paths other CPUs pick; ``HAF_CPP_ISA`` sets it for a whole process.
+    to cover the paths other CPUs pick; ``HAF_CPP_ISA`` (``Tuning.cpp_isa``) sets it for a whole process.
     """
-    global _isa_env_applied
     if _C is None:
         raise RuntimeError(f"backend 'cpp' is not available: {_IMPORT_ERROR}")
     _C.set_isa(str(name))
-    _isa_env_applied = True
 
 
-_isa_env_applied = False
+_isa_from_tuning: str = "auto"  # the last Tuning.cpp_isa applied (an explicit set_isa stays until it changes)
 
 
-def _apply_isa_env() -> None:
-    """Apply ``HAF_CPP_ISA`` once, on first use (no work at import time)."""
-    global _isa_env_applied
-    if not _isa_env_applied:
-        _isa_env_applied = True
-        name = os.environ.get("HAF_CPP_ISA")
-        if name:
-            try:
-                _C.set_isa(name)
-            except ValueError as exc:
-                raise ValueError(f"environment variable HAF_CPP_ISA: {exc}") from None
+def _apply_isa(tuning: Tuning) -> None:
+    """Apply ``tuning.cpp_isa`` when it changes (on first use: no work at import time)."""
+    global _isa_from_tuning
+    if tuning.cpp_isa != _isa_from_tuning:
+        try:
+            _C.set_isa(tuning.cpp_isa)
+        except ValueError as exc:
+            raise ValueError(f"environment variable HAF_CPP_ISA: {exc}") from None
+        _isa_from_tuning = tuning.cpp_isa
 
 
 def why_unavailable() -> str:
     return _IMPORT_ERROR or ""
 
 
-def _env_int(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if not raw:
-        return None
-    value = int(raw)
-    if value <= 0:
-        raise ValueError(f"environment variable {name} must be positive, got {value}")
-    return value
-
-
 def tiles(vocab: int, opts: LogprobOptions, keep: bool = False) -> tuple[int, int]:
-    """``(chunk_tokens, vocab_tile)``: ``opts`` / ``HAF_CHUNK_TOKENS`` / ``HAF_CHUNK_VOCAB`` if set, else defaults.
+    """``(chunk_tokens, vocab_tile)``: from ``opts`` (arguments, then ``HAF_CHUNK_TOKENS`` / ``HAF_CHUNK_VOCAB``),
+    else defaults.
 
     The default vocab tile splits ``vocab`` into equal tiles of at most ``DEFAULT_VOCAB_TILE`` (a multiple of
     16), so threads get balanced work. Depends only on ``vocab`` and ``opts`` (``forward_keep`` and
     ``backward_saved`` must agree on it).
     """
     default_t = DEFAULT_CHUNK_TOKENS_KEEP if keep else DEFAULT_CHUNK_TOKENS
-    chunk_t = opts.chunk_tokens or _env_int("HAF_CHUNK_TOKENS") or default_t
-    chunk_v = opts.chunk_vocab or _env_int("HAF_CHUNK_VOCAB")
+    chunk_t = opts.chunk_tokens or opts.tuning.chunk_tokens or default_t
+    chunk_v = opts.vocab_tile()
     if chunk_v is None:
         n_tiles = -(-vocab // DEFAULT_VOCAB_TILE)
         chunk_v = -(-vocab // n_tiles)
@@ -128,7 +115,7 @@ def tiles(vocab: int, opts: LogprobOptions, keep: bool = False) -> tuple[int, in
 def _args(hidden, weight, labels, bias, opts, keep=False):
     if _C is None:
         raise RuntimeError(f"backend 'cpp' is not available: {_IMPORT_ERROR}")
-    _apply_isa_env()
+    _apply_isa(opts.tuning)
     chunk_t, chunk_v = tiles(weight.shape[0], opts, keep)
     return (
         hidden.contiguous(),
@@ -180,7 +167,7 @@ def backward(
         need_h,
         need_w,
         need_b and bias is not None,
-        (_env_int("HAF_CPP_PARTIAL_KB") or 65536) << 10,  # bound on per-thread dH partials
+        opts.tuning.cpp_partial_kb << 10,  # bound on the per-slot dH partials
     )
     return (
         None if dh is None else dh.to(hidden.dtype),
@@ -232,5 +219,6 @@ def backward_saved(
         need_b and bias is not None,
         dw_acc=dw_acc if need_w else None,
         db_acc=db_acc if (need_b and bias is not None) else None,
+        partial_bytes=opts.tuning.cpp_partial_kb << 10,
     )
     return (None if dh is None else dh.to(hidden.dtype), dw, None if bias is None else db)

@@ -15,24 +15,26 @@ import torch
 import triton
 import triton.language as tl
 
+from ...tuning import Tuning
+
 
 def interpreting() -> bool:
     """Whether kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotune_requested() -> bool:
-    """``HAF_AUTOTUNE=1`` and not in the interpreter."""
-    return os.environ.get("HAF_AUTOTUNE") == "1" and not interpreting()
+def autotune_requested(tuning: Tuning) -> bool:
+    """``tuning.autotune`` (``HAF_AUTOTUNE=1``) and not in the interpreter."""
+    return tuning.autotune and not interpreting()
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, tuning: Tuning) -> str:
     """``tl.dot`` input precision: fp32 inputs use exact IEEE products (TF32 would cost ~1e-3 relative error).
 
-    ``HAF_TRITON_FP32_DOT=tf32x3`` (near-fp32 accuracy, faster) or ``tf32`` overrides for fp32 inputs.
+    ``tuning.triton_fp32_dot`` (``HAF_TRITON_FP32_DOT``): ``tf32x3`` (near-fp32 accuracy, faster) or ``tf32``.
     """
     if dtype == torch.float32:
-        return os.environ.get("HAF_TRITON_FP32_DOT", "ieee")
+        return tuning.triton_fp32_dot
     if dtype == torch.float64:
         return "ieee"
     return "tf32"  # the default; only meaningful for fp32 operands (fp16/bf16 always use tensor cores)
@@ -80,18 +82,13 @@ def _arch(device: torch.device) -> str:
     return "default"
 
 
-def tiles_for(dtype: torch.dtype, device: torch.device) -> Tiles:
+def tiles_for(dtype: torch.dtype, device: torch.device, tuning: Tuning) -> Tiles:
     """Known-good tile sizes for inputs of ``dtype`` on ``device`` (tiny ones in the interpreter).
 
-    ``HAF_TRITON_TILES="BN,BV,BD,BDO,WARPS,STAGES"`` overrides the table (for experiments).
+    ``tuning.triton_tiles`` (``HAF_TRITON_TILES="BN,BV,BD,BDO,WARPS,STAGES"``) overrides the table.
     """
-    raw = os.environ.get("HAF_TRITON_TILES")
-    if raw:
-        try:
-            vals = [int(x) for x in raw.split(",")]
-            return Tiles(*vals)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"HAF_TRITON_TILES must be 6 integers BN,BV,BD,BDO,WARPS,STAGES, got {raw!r}") from exc
+    if tuning.triton_tiles is not None:
+        return Tiles(*tuning.triton_tiles)
     if interpreting():
         return _INTERPRETER
     if dtype == torch.float64:
@@ -112,19 +109,16 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def group_rows(n_rows: int, n_cols: int, device: torch.device) -> int:
+def group_rows(n_rows: int, n_cols: int, device: torch.device, tuning: Tuning) -> int:
     """Rows per group for :func:`_grouped_pid`: about one GPU-full of programs (``SMs // n_cols`` rows).
 
     Concurrently running programs then share a few row blocks (e.g. token tiles of ``hidden``) and a few
     column blocks (vocab tiles of ``weight``), which stay in L2, instead of every row block at once.
-    ``HAF_TRITON_GROUP`` overrides (tests use it to exercise the mapping in the interpreter).
+    ``tuning.triton_group`` (``HAF_TRITON_GROUP``) overrides (tests use it to exercise the mapping in the
+    interpreter).
     """
-    raw = os.environ.get("HAF_TRITON_GROUP")
-    if raw:
-        try:
-            return max(1, min(n_rows, int(raw)))
-        except ValueError as exc:
-            raise ValueError(f"HAF_TRITON_GROUP must be a positive integer, got {raw!r}") from exc
+    if tuning.triton_group is not None:
+        return max(1, min(n_rows, tuning.triton_group))
     if device.type != "cuda":
         return n_rows
     return max(1, min(n_rows, num_sms(device) // max(1, n_cols)))

@@ -8,7 +8,7 @@ Plain PyTorch equivalent (for ``dz [N, V]``, which is only ever held one vocab c
     dhidden, dweight, dbias = dz @ weight, dz.T @ hidden, dz.sum(0)
 
 Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``dz`` fits the chunk budget,
-``HAF_CHUNK_MB``, default 64 MiB, but at least 2048 columns; ``opts.chunk_vocab`` overrides):
+``HAF_TRITON_DZ_MB``, default 64 MiB, but at least 2048 columns; ``chunk_vocab`` overrides):
 
 1. ``linear_logprobs_bwd_dlogits_kernel`` — grid token tiles × vocab tiles of the chunk (grouped order):
    recomputes the logits tile (``tl.dot`` over D), forms ``dz`` in fp32, writes it in the input dtype (fp32 for fp32
@@ -34,13 +34,11 @@ vocab slice of the softmax independent, and lets dW be written once per element.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ...options import LogprobOptions, chunk_budget_bytes, compute_dtype
+from ...options import LogprobOptions, compute_dtype
 from ._common import Tiles, _grouped_pid, _logits_tile, device_guard, dot_precision, group_rows, tiles_for
 
 
@@ -273,22 +271,12 @@ def linear_logprobs_bwd_dw_kernel(
 
 
 def grad_filter_threshold(opts: LogprobOptions) -> float | None:
-    """Gradient-filtering threshold: ``opts.grad_filter`` if the options carry one, else ``HAF_GRAD_FILTER``.
-
-    ``None`` or 0 turns filtering off (the default). A tile of ``dz`` whose entries are all at most the
-    threshold in magnitude is skipped by both GEMMs.
+    """Gradient-filtering threshold: ``opts.tuning.grad_filter`` (``HAF_GRAD_FILTER``), ``None`` when 0 (the
+    default: off). A tile of ``dz`` whose entries are all at most the threshold in magnitude is skipped by both
+    GEMMs.
     """
-    value = getattr(opts, "grad_filter", None)
-    if value is None:
-        raw = os.environ.get("HAF_GRAD_FILTER", "")
-        if raw:
-            try:
-                value = float(raw)
-            except ValueError as exc:
-                raise ValueError(f"environment variable HAF_GRAD_FILTER must be a number, got {raw!r}") from exc
-    if value is None or value <= 0:
-        return None
-    return float(value)
+    value = opts.tuning.grad_filter
+    return float(value) if value > 0 else None
 
 
 _MIN_CHUNK = 2048  # below this the fp32 dH read-modify-write between chunks (8·N·D bytes) starts to dominate
@@ -297,14 +285,15 @@ _MIN_CHUNK = 2048  # below this the fp32 dH read-modify-write between chunks (8�
 def _vocab_chunk(n: int, vocab: int, elem_bytes: int, block_v: int, opts: LogprobOptions) -> int:
     """Vocab columns of ``dz`` held at once.
 
-    ``opts.chunk_vocab`` if set; else what fits the chunk budget (``HAF_CHUNK_MB``), but at least
+    ``opts.vocab_tile()`` (``chunk_vocab``, ``HAF_CHUNK_VOCAB``) if set; else what fits ``tuning.triton_dz_mb``
+    (``HAF_TRITON_DZ_MB``), but at least
     ``_MIN_CHUNK`` columns: each chunk costs one fp32 read+write of the ``[N, D]`` dH accumulator against
     ``6·N·C·D`` flops, so ``C ≥ 2048`` keeps that traffic to a small fraction of the GEMM time.
     """
-    if opts.chunk_vocab:
-        c = opts.chunk_vocab
+    if opts.vocab_tile():
+        c = opts.vocab_tile()
     else:
-        c = max(chunk_budget_bytes() // max(1, n * elem_bytes), _MIN_CHUNK)
+        c = max((opts.tuning.triton_dz_mb << 20) // max(1, n * elem_bytes), _MIN_CHUNK)
     c = max(block_v, (c // block_v) * block_v)  # whole tiles, at least one
     return min(c, triton.cdiv(vocab, block_v) * block_v)
 
@@ -347,13 +336,13 @@ def linear_logprobs_bwd(
 
     threshold = grad_filter if grad_filter is not None else grad_filter_threshold(opts)
     use_filter = threshold is not None and threshold > 0
-    t = tiles or tiles_for(hidden.dtype, dev)
+    t = tiles or tiles_for(hidden.dtype, dev, opts.tuning)
     labels = labels.contiguous()
     g = grad_logp.to(acc_dtype).contiguous()
     lse = lse.to(acc_dtype).contiguous()
     bias_c = None if bias is None else bias.contiguous()
     is_fp64 = hidden.dtype == torch.float64
-    prec = dot_precision(hidden.dtype)
+    prec = dot_precision(hidden.dtype, opts.tuning)
     softcap = 1.0 if opts.softcap is None else float(opts.softcap)
     gemm_dtype = hidden.dtype  # dz is stored in the inputs' dtype so both GEMMs run on tensor cores
 
@@ -388,7 +377,7 @@ def linear_logprobs_bwd(
                 chunk,
                 n_vt,
                 n_cols,
-                group_rows(n_tt, n_cols, dev),
+                group_rows(n_tt, n_cols, dev, opts.tuning),
                 hidden.stride(0),
                 hidden.stride(1),
                 weight.stride(0),
@@ -426,7 +415,7 @@ def linear_logprobs_bwd(
                     width,
                     chunk,
                     n_vt,
-                    group_rows(n_tt, n_dt, dev),
+                    group_rows(n_tt, n_dt, dev, opts.tuning),
                     weight.stride(0),
                     weight.stride(1),
                     ACCUMULATE=ci > 0,

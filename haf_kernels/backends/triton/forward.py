@@ -194,11 +194,11 @@ def linear_logprobs_fwd(
         HAS_SCALE=opts.logit_scale != 1.0,
         HAS_SOFTCAP=opts.softcap is not None,
         IS_FP64=hidden.dtype == torch.float64,
-        DOT_PRECISION=dot_precision(hidden.dtype),
+        DOT_PRECISION=dot_precision(hidden.dtype, opts.tuning),
     )
     softcap = 1.0 if opts.softcap is None else float(opts.softcap)
-    autotune = autotune_requested() and tiles is None
-    t = tiles or tiles_for(hidden.dtype, dev)
+    autotune = autotune_requested(opts.tuning) and tiles is None
+    t = tiles or tiles_for(hidden.dtype, dev, opts.tuning)
     block_n = 64 if autotune else t.block_n  # split bookkeeping only; the tuned BLOCK_N sets the grid
     block_v = 256 if autotune else t.block_v
     n_vt = triton.cdiv(vocab, block_v)
@@ -222,7 +222,7 @@ def linear_logprobs_fwd(
         d,
         v_per_split,
         splits,
-        group_rows(triton.cdiv(n, block_n), splits, dev),
+        group_rows(triton.cdiv(n, block_n), splits, dev, opts.tuning),
         hidden.stride(0),
         hidden.stride(1),
         weight.stride(0),
