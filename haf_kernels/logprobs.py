@@ -169,7 +169,7 @@ def linear_logprobs(
     opts = LogprobOptions(
         ignore_index, float(logit_scale), None if softcap is None else float(softcap), chunk_tokens, chunk_vocab
     )
-    return token_logprobs(hidden, weight, labels, bias, opts, backends.resolve(backend, hidden.device))
+    return token_logprobs(hidden, weight, labels, bias, opts, backends.resolve(backend, hidden.device, hidden.dtype))
 
 
 def token_logprobs(
@@ -229,8 +229,8 @@ def sequence_logprobs(
 
 
 def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
-    """The backend's keep-logits pair, or a generic one that recomputes in backward."""
-    if hasattr(mod, "forward_keep") and hasattr(mod, "backward_saved"):
+    """The backend's keep-logits pair (``CAPABILITIES.keeps_logits``), or a generic one that recomputes."""
+    if mod.CAPABILITIES.keeps_logits:
         return mod.forward_keep, mod.backward_saved
 
     def forward_keep(h, w, y, b, opts):

@@ -131,7 +131,7 @@ def fused_haf_loss(
     dt = torch.float64  # the O(B) arithmetic: cheap, and d = (sum_c − sum_r) needs the precision
     two_b, seq_len, dim = hidden.shape
     opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
-    name = backends.resolve(backend, dev)
+    name = backends.resolve(backend, dev, hidden.dtype)
     objective = objectives.get(policy_loss)
     params = objectives.ObjectiveParams(beta, label_smoothing, simpo_gamma)
     averaged = average_log_prob or objective.length_averaged
@@ -160,7 +160,7 @@ def fused_haf_loss(
     if grad_in_forward is None:
         # Default only where the backend keeps logits natively (3 GEMMs); otherwise one big recompute pass
         # over all tokens keeps the device fuller than many pair-sized chunks.
-        keeps = hasattr(backends.get(name), "forward_keep")
+        keeps = backends.capabilities(name).keeps_logits
         use_fused = use_fused and keeps and opts.tuning.grad_in_forward
     else:
         use_fused = use_fused and grad_in_forward

@@ -88,3 +88,41 @@ def test_cpp_partial_bound_reaches_both_backward_strategies(monkeypatch):
     _, lse2, saved = cpp.forward_keep(h, w, y, None, opts)
     cpp.backward_saved(saved, torch.ones(9), h, w, y, None, lse2, opts, (True, True, False))
     assert seen == [("backward", 4 << 10), ("backward_saved", 4 << 10)]
+
+
+def test_backends_declare_capabilities_and_auto_reads_them():
+    cpu = torch.device("cpu")
+    for name in backends.BACKENDS:
+        if backends.is_available(name):
+            caps = backends.capabilities(name)
+            assert caps.devices and caps.dtypes and caps.determinism
+    assert backends.capabilities("torch").keeps_logits and not backends.capabilities("reference").auto_devices
+    ranked = sorted(
+        (backends.capabilities(n).priority, n)
+        for n in backends.BACKENDS
+        if backends.is_available(n) and backends.capabilities(n).auto_on("cpu")
+    )
+    assert backends.resolve("auto", cpu) == ranked[-1][1]
+    if backends.is_available("cpp"):
+        with pytest.raises(ValueError, match=r"backend 'cpp' does not run on cuda tensors \(it declares \['cpu'\]\)"):
+            backends.resolve("cpp", torch.device("cuda"))
+
+
+def test_auto_skips_a_backend_whose_declared_dtypes_exclude_the_input(monkeypatch):
+    """A backend declaring fewer dtypes is passed over by auto and refused by name when asked for."""
+    import dataclasses
+
+    from haf_kernels.backends import torch_chunked
+
+    narrow = dataclasses.replace(torch_chunked.CAPABILITIES, dtypes=frozenset({torch.float32}), dtype_note="test only")
+    monkeypatch.setattr(torch_chunked, "CAPABILITIES", narrow)
+    monkeypatch.setattr(backends, "is_available", lambda n: n in ("torch", "reference"))
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", cpu, torch.float32) == "torch"
+    with pytest.raises(ValueError, match="no available backend declares cpu tensors"):
+        backends.resolve("auto", cpu, torch.float64)
+    with pytest.raises(
+        TypeError,
+        match=r"backend 'torch' does not compute float64 inputs here \(it declares \['float32'\]\): test only",
+    ):
+        backends.resolve("torch", cpu, torch.float64)

@@ -17,17 +17,50 @@ also offer ``forward_keep`` / ``backward_saved`` (keep one chunk's logits betwee
 
 When ``backward_saved`` takes ``dw_acc``/``db_acc`` it adds into those buffers in place and returns them.
 
-``auto`` picks ``triton`` for CUDA tensors, ``cpp`` for CPU tensors when the extension is built, else
-``torch``; the environment variable ``HAF_KERNELS_BACKEND`` overrides ``auto``.
+Each module also declares ``CAPABILITIES`` (a ``Capabilities``): the devices and dtypes it runs, where ``auto``
+may pick it and with what priority, and its features (kept logits, gradient filtering, determinism).
+``resolve`` reads only these declarations: ``auto`` takes the available backend of highest priority that
+declares the device (and dtype) for auto use (today: ``triton`` on CUDA, ``cpp`` on CPU when built, else
+``torch``); an explicit backend that lacks the device or dtype is an error saying what it declares. A new
+backend is one module plus one line in ``_MODULES``. ``HAF_KERNELS_BACKEND`` overrides ``auto``.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares about itself (read by ``resolve`` and by the whole-loss path).
+
+    ``devices``: device types it runs on (``"*"``: any); ``auto_devices``: where ``auto`` may pick it, with ``priority``
+    (highest wins); ``dtypes``: input dtypes it computes correctly (``dtype_note`` says why others are refused);
+    ``keeps_logits``: offers ``forward_keep``/``backward_saved`` (the 3-GEMM whole loss);
+    ``grad_filter``: honours ``Tuning.grad_filter``; ``determinism``: what repeats bitwise.
+    """
+
+    devices: frozenset[str]
+    auto_devices: frozenset[str] = frozenset()
+    priority: int = 0
+    dtypes: frozenset[torch.dtype] = FLOATS
+    dtype_note: str = ""
+    keeps_logits: bool = False
+    grad_filter: bool = False
+    determinism: str = "run to run"
+
+    def runs_on(self, device_type: str) -> bool:
+        return "*" in self.devices or device_type in self.devices
+
+    def auto_on(self, device_type: str) -> bool:
+        return "*" in self.auto_devices or device_type in self.auto_devices
+
 
 BACKENDS = ("triton", "cpp", "torch", "reference")
 _MODULES = {
@@ -87,29 +120,44 @@ def unavailable_reasons() -> dict[str, str]:
     return out
 
 
+def capabilities(name: str) -> Capabilities:
+    """The ``Capabilities`` backend ``name`` declares (``ValueError`` if unknown or unusable here)."""
+    return get(name).CAPABILITIES
+
+
 def supports_device(name: str, device: torch.device) -> bool:
-    if name == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if name == "cpp":
-        return device.type == "cpu"
-    return True
+    """Whether backend ``name`` declares ``device``'s type (``False`` when it is unusable here)."""
+    return is_available(name) and capabilities(name).runs_on(device.type)
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Concrete backend name for ``backend`` (``"auto"`` or a name) and tensors on ``device``."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Concrete backend name for ``backend`` (``"auto"`` or a name) and inputs of ``dtype`` on ``device``."""
     if backend == "auto":
         from ..tuning import current
 
         backend = current().backend
     if backend == "auto":
-        if device.type == "cuda" and is_available("triton"):
-            return "triton"
-        if device.type == "cpu" and is_available("cpp"):
-            return "cpp"
-        return "torch"
+        candidates = [
+            (caps.priority, name)
+            for name in BACKENDS
+            if is_available(name)
+            and (caps := capabilities(name)).auto_on(device.type)
+            and (dtype is None or dtype in caps.dtypes)
+        ]
+        if not candidates:
+            raise ValueError(f"no available backend declares {device.type} tensors for backend='auto'")
+        return max(candidates)[1]
     if backend not in _MODULES:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    get(backend)
-    if not supports_device(backend, device):
-        raise ValueError(f"backend {backend!r} does not run on {device.type} tensors")
+    caps = capabilities(backend)
+    if not caps.runs_on(device.type):
+        raise ValueError(
+            f"backend {backend!r} does not run on {device.type} tensors (it declares {sorted(caps.devices)})"
+        )
+    if dtype is not None and dtype not in caps.dtypes:
+        names = sorted(str(d).removeprefix("torch.") for d in caps.dtypes)
+        raise TypeError(
+            f"backend {backend!r} does not compute {str(dtype).removeprefix('torch.')} inputs here (it declares "
+            f"{names}){': ' + caps.dtype_note if caps.dtype_note else ''}"
+        )
     return backend

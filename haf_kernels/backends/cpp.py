@@ -26,8 +26,16 @@ import torch
 
 from ..options import LogprobOptions, compute_dtype
 from ..tuning import Tuning, current
+from . import Capabilities
 
 NAME = "cpp"
+CAPABILITIES = Capabilities(
+    devices=frozenset({"cpu"}),
+    auto_devices=frozenset({"cpu"}),
+    priority=20,
+    keeps_logits=True,
+    determinism="bitwise for a fixed thread count; for any thread count under torch.use_deterministic_algorithms",
+)
 
 # Measured defaults (2-core AMD EPYC Zen 4, AVX-512, MKL; see the module notes in csrc/linear_logprobs.cpp):
 # recompute blocks of 128 tokens × ~1000 vocab (0.5 MiB fp32, L2-resident between the GEMM that makes a block

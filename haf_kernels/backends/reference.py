@@ -15,8 +15,13 @@ from __future__ import annotations
 import torch
 
 from ..options import LogprobOptions, compute_dtype
+from . import Capabilities
 
 NAME = "reference"
+CAPABILITIES = Capabilities(
+    devices=frozenset({"*"}),
+    determinism="as plain PyTorch (supports double backward)",
+)
 
 
 def is_available() -> bool:

@@ -15,8 +15,16 @@ from __future__ import annotations
 import torch
 
 from ..options import LogprobOptions, compute_dtype
+from . import Capabilities
 
 NAME = "torch"
+CAPABILITIES = Capabilities(
+    devices=frozenset({"*"}),
+    auto_devices=frozenset({"*"}),
+    priority=0,  # the portable fallback
+    keeps_logits=True,
+    determinism="as the device's matmuls (CPU: bitwise for a fixed thread count)",
+)
 
 
 def is_available() -> bool:

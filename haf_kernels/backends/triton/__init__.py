@@ -19,8 +19,22 @@ import os
 import torch
 
 from ...options import LogprobOptions
+from .. import FLOATS, Capabilities
 
 NAME = "triton"
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read at import, as Triton itself does
+CAPABILITIES = Capabilities(
+    devices=frozenset({"cuda", "cpu"} if _INTERPRETING else {"cuda"}),
+    auto_devices=frozenset({"cuda"}),
+    priority=30,
+    dtypes=FLOATS - {torch.bfloat16} if _INTERPRETING else FLOATS,
+    dtype_note="under TRITON_INTERPRET=1 the interpreter's tl.dot multiplies raw bf16 bits (wrong numbers); use "
+    "float16/float32 inputs, or backend='cpp' / 'torch' on CPU (bf16 runs correctly on a GPU)"
+    if _INTERPRETING
+    else "",
+    grad_filter=True,
+    determinism="bitwise run to run (no atomics)",
+)
 
 try:  # triton is optional: the package must import without it
     import triton  # noqa: F401
@@ -35,6 +49,7 @@ if not _IMPORT_ERROR:
 
 __all__ = [
     "NAME",
+    "CAPABILITIES",
     "is_available",
     "why_unavailable",
     "forward",
@@ -70,12 +85,6 @@ def forward(
     opts: LogprobOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp [N], lse [N])`` fp32 (fp64 for fp64 inputs); ``logp`` is 0 where ``labels == ignore_index``."""
-    if hidden.dtype == torch.bfloat16 and _interpret():
-        raise TypeError(
-            "hidden is bfloat16, which backend 'triton' cannot compute under TRITON_INTERPRET=1 (the interpreter's "
-            "tl.dot multiplies raw bf16 bits: wrong numbers); use float16/float32 inputs, or backend='cpp' / "
-            "'torch' on CPU (bf16 runs correctly on a GPU)"
-        )
     return linear_logprobs_fwd(hidden, weight, labels, bias, opts)
 
 
