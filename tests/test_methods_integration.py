@@ -52,6 +52,18 @@ def test_prepare_flip_and_margin(tmp_path):
     assert I.prepare_method_data(FakeCfg(str(tmp_path / "run3"), path)).train_data == path
 
 
+def test_prepare_reads_compressed_strength_files(tmp_path):
+    """A strength file as any data reader takes it (here .jsonl.gz) works for the noisy-pair modes."""
+    import gzip
+
+    rows, path = _write(tmp_path)
+    gz = tmp_path / "train.jsonl.gz"
+    gz.write_bytes(gzip.compress(open(path, "rb").read()))
+    new = I.prepare_method_data(FakeCfg(str(tmp_path / "run"), str(gz), noisy_mode="flip", noisy_fraction=0.1))
+    out = [json.loads(line) for line in open(new.train_data)]
+    assert [r["chosen"] for r in out[:3]] == ["r0", "r1", "c2"] and len(out) == len(rows)
+
+
 class _M(nn.Module):
     def __init__(self):
         super().__init__()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.data import read_records
 from training.methods import strength as S
 
 
@@ -41,7 +42,7 @@ def test_ensemble_strength_and_files(tmp_path):
     np.testing.assert_allclose(mean.numpy(), [2.5, 2.0 * 2.5 - 3.0])
     rows = S.add_strength_columns([{"id": 0}, {"id": 1}], mean, std)
     S.write_jsonl(rows, tmp_path / "d.jsonl")
-    back = S.read_jsonl(tmp_path / "d.jsonl")
+    back = read_records(tmp_path / "d.jsonl")
     assert back[1]["strength_mean"] == pytest.approx(2.0) and back[0]["strength_std"] == pytest.approx(std[0].item())
     S.plot_strength_histogram(mean, tmp_path / "h.png", flipped=[True, False])
     assert (tmp_path / "h.png").stat().st_size > 1000

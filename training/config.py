@@ -247,8 +247,6 @@ class TrainConfig:
         ) and not self.strength_column:
             bad("strength_column", "required by noisy_mode / adaptive_margin")
         if self.noisy_mode and "noisy_mode" not in typ_bad:
-            if self.train_data and not str(self.train_data).endswith(".jsonl"):
-                bad("train_data", f"noisy_mode rewrites the training file: needs a .jsonl, got {self.train_data!r}")
             if not self.eval_data:
                 bad("eval_data", "required with noisy_mode (the training file is rewritten; soft mode adds rows)")
         choice("contrastive", ("", "simcse", "swav"))

@@ -216,6 +216,20 @@ def _looks_like_path(source: str) -> bool:
     return "/" in s and Path(s.split("/", 1)[0]).is_dir()
 
 
+def read_records(source: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
+    """The rows of any source ``read_rows`` reads, as dicts (the RM methods' data: pools, strength files).
+
+    An undecodable row or one that is not a JSON object raises ``BadRowError`` naming the file and row."""
+    out = []
+    for row_no, row in read_rows(source, split):
+        if isinstance(row, BadRowError):
+            raise row
+        if not isinstance(row, dict):
+            raise BadRowError(f"{source}: row {row_no}: a {type(row).__name__}, not an object")
+        out.append(row)
+    return out
+
+
 def read_rows(source: str | os.PathLike, split: str = "train") -> list[tuple[int, Any]]:
     """``(row_number, row)`` of a data file, a ``load_from_disk`` folder or a Hub dataset name.
 

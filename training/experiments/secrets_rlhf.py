@@ -163,8 +163,8 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> d
 
     torch.set_num_threads(1)
     from training.config import TrainConfig
+    from training.data import read_records
     from training.ensemble import run_strength_ensemble
-    from training.methods import strength as S
     from training.trainer import train
 
     work = Path(work_s)
@@ -216,7 +216,7 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> d
         rec.update(evaluate_run(run_dir, paths, scored_by, skip_bad_rows))
         rec["wall_s"] = time.time() - t1
         records.append(rec)
-    flipped = [bool(r["flipped"]) for r in S.read_jsonl(paths["train"])]
+    flipped = [bool(r["flipped"]) for r in read_records(paths["train"])]
     return dict(
         noise=noise,
         seed=seed,

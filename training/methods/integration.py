@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import read_records
 from . import contrastive as C
 from . import metarm as MR
 from . import noisy as N
@@ -34,11 +35,6 @@ from . import noisy as N
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
     return getattr(cfg, name, default)
-
-
-def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def prepare_method_data(cfg: Any) -> Any:
@@ -52,14 +48,12 @@ def prepare_method_data(cfg: Any) -> Any:
     col = _get(cfg, "strength_column", "strength_mean") or "strength_mean"
     changes: dict[str, Any] = {}
     if mode:
-        if not str(cfg.train_data).endswith(".jsonl"):
-            raise ValueError(f"noisy_mode needs a .jsonl train_data with a {col!r} column, got {cfg.train_data!r}")
         path = Path(cfg.run_dir) / "method_data" / "train.jsonl"
         if path.exists() and Path(cfg.train_data).resolve() == path.resolve():
             return cfg  # a saved config of a run whose data was already rewritten
         if not cfg.eval_data:
             raise ValueError("noisy_mode rewrites the training file (soft mode adds rows); give eval_data explicitly")
-        rows = _read_jsonl(cfg.train_data)
+        rows = read_records(cfg.train_data)
         thr = _get(cfg, "noisy_threshold", None)
         frac = _get(cfg, "noisy_fraction", 0.1)
         use_thr = thr is not None and not (isinstance(thr, float) and thr != thr)  # NaN = unset
@@ -129,7 +123,7 @@ class ShiftedPool:
 
         self.k, self.pad = k, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.items: list[list[list[int]]] = []
-        for row in _read_jsonl(path):
+        for row in read_records(path):
             resp = list(row["responses"])
             if len(resp) < k:
                 continue
@@ -194,8 +188,6 @@ def method_hooks(cfg: Any, tokenizer: Any = None, base: Any = None) -> Any:
         hooks.on_model = on_model
         hooks.aux_loss = hooks.aux_loss or contrastive_aux_loss
     if _get(cfg, "metarm_data", ""):
-        if not hasattr(hooks, "forward_params"):
-            raise RuntimeError("this trainer has no forward_params hook (MetaRM needs it)")
         if tokenizer is None:
             from ..data import load_tokenizer
 

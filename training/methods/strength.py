@@ -152,11 +152,6 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> N
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve of ``scores [B]`` for binary ``labels [B]`` (ties count one half).
 
