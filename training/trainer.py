@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         )
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    use_bf16 = _use_bf16(cfg, device)
     amp_dtype = torch.bfloat16 if use_bf16 else None
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     torch.manual_seed(cfg.seed)
@@ -221,30 +221,10 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
             log(f"[haf-train] warning: could not save the base model's config/tokenizer into {base_dir}: {exc}")
     if hooks.on_model is not None:
         hooks.on_model(model, cfg)
-    mode = cfg.reference_mode
-    reference = ReferenceLogps(mode, backend=cfg.backend, amp_dtype=amp_dtype)
-    if mode == "copy":
-        reference.ref_model = frozen_copy(model)
-    elif mode == "precomputed" and rebuilt:  # the base model is gone: the cache recorded by the checkpoint
-        reference.load_cache(_recorded_path(resume.get("reference_cache"), run_dir))
-    elif mode == "precomputed":
-        key = {
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k
-            in ("model", "model_type", "model_config", "tokenizer", "max_length", "max_prompt_length", "seed", "dtype")
-        }
-        reference.precompute(
-            model,
-            {"train": train_ds, "eval": eval_ds},
-            cache_dir=cfg.ref_cache_dir or run_dir / "ref_cache",
-            key_extra=key,
-            pad_token_id=pad_id,
-            batch_size=cfg.eval_batch_size,
-            device=device,
-            write=info.is_main,
-            autocast=autocast,
-        )
+    reference = build_reference(
+        cfg, model, train_ds, eval_ds, run_dir, resume if rebuilt else None, pad_id, info, autocast
+    )
+    mode = reference.mode
     averaged = cfg.average_log_prob or objectives.get(cfg.policy_loss).length_averaged
     log(
         f"[haf-train] reference: {mode}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
@@ -259,14 +239,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
 
     # ---- wrap (DDP / FSDP2), optimiser, schedule
     wrapped = D.wrap(model, info, find_unused_parameters=cfg.alpha == 0 or hooks.aux_loss is not None)
-    head_ids = {id(p) for p in model.reward_head.parameters()}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
-    optimizer = torch.optim.AdamW(
-        [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}],
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
     start_step = 0
     if state is not None:
@@ -337,11 +310,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
 
         progress = tqdm(total=max_steps, initial=start_step, desc="haf-train", dynamic_ncols=True)
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    n_acc = 0
-    n_tokens = 0  # non-padding input tokens of this rank in the current log window
-    t_log, window_start = time.time(), start_step  # the window's wall clock excludes eval / checkpoint time
-    streak = skipped = 0  # consecutive / windowed steps whose update was skipped (nonfinite: skip)
+    window = LogWindow(start_step)
+    streak = 0  # consecutive steps whose update was skipped (nonfinite: skip)
     good_grad_norm = torch.full((), float("nan"))
     for step in range(start_step, max_steps):
         idx = step_indices(step, len(train_ds), cfg, cfg.seed)
@@ -350,42 +320,12 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         for micro in range(accum):
             lo = (micro * info.world_size + info.rank) * cfg.micro_batch_size
             batch = collate_pairs([train_ds[i] for i in idx[lo : lo + cfg.micro_batch_size]], pad_id)
-            n_tokens += int(batch.attention_mask.sum())  # on the CPU batch: no device sync
+            window.tokens += int(batch.attention_mask.sum())  # on the CPU batch: no device sync
             batch = batch.to(device)
             with autocast():
                 ref = for_loss(reference(batch, "train", model=wrapped, raw=model), averaged)
-            margin, weights = pair_terms(batch, cfg)
-
-            def compute(out: RewardModelOutput, m: HafRewardModel):
-                w, b = m.lm_head_weight, m.lm_head_bias
-                dt = amp_dtype or w.dtype
-                res = fused_haf_loss(
-                    out.hidden.to(dt),
-                    w.to(dt),
-                    batch.labels,
-                    out.rewards.float(),
-                    ref,
-                    beta=cfg.beta,
-                    alpha=cfg.alpha,
-                    reward_weight=cfg.reward_weight,
-                    policy_loss=cfg.policy_loss,
-                    simpo_gamma=cfg.simpo_gamma,
-                    average_log_prob=cfg.average_log_prob,
-                    reward_margin=margin,
-                    label_smoothing=cfg.label_smoothing,
-                    pair_weights=weights,
-                    lm_head_bias=None if b is None else b.to(dt),
-                    logit_scale=m.logit_scale,
-                    softcap=m.softcap,
-                    backend=cfg.backend,
-                    check_finite=step < cfg.check_finite_steps and info.world_size == 1,
-                )
-                loss = res.loss
-                aux = hooks.aux_loss(out, batch, m, step) if hooks.aux_loss is not None else None
-                if aux is not None:
-                    loss = loss + aux
-                return loss, res, aux
-
+            check = step < cfg.check_finite_steps and info.world_size == 1
+            compute = loss_on_batch(cfg, batch, ref, pair_terms(batch, cfg), hooks, step, amp_dtype, check)
             sync = micro == accum - 1 or info.mode != "ddp"
             fast = hooks.forward_params(model, step) if hooks.forward_params is not None else None
             with (
@@ -415,9 +355,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         flags = nonfinite_flags(micro_losses, grad_norm, info)  # the loop's one host sync per optimiser step
         if flags is None:
             optimizer.step()
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_acc += accum
+            window.add(step_sums, accum)
             streak, good_grad_norm = 0, grad_norm
         else:
             what = nonfinite_message(step + 1, micro_losses, grad_norm, flags, info)
@@ -430,7 +368,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                     f"{what}; training stopped{why} before the optimiser step (weights unchanged; {last}). "
                     "Lower lr, set grad_clip, check the data, or use --nonfinite skip to drop such updates"
                 )
-            streak, skipped = streak + 1, skipped + 1
+            streak, window.skipped = streak + 1, window.skipped + 1
             log(f"[haf-train] warning: {what}; update skipped ({streak} in a row, at most {cfg.nonfinite_max_skips})")
         with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore", UserWarning)
@@ -443,21 +381,12 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
             hooks.on_step_end(StepState(done, wrapped, model, optimizer, cfg, info))
 
         if done % cfg.log_every == 0 or done == max_steps:  # the only host syncs of the loop
-            vec = torch.stack([sums[k] for k in sorted(sums)]) / n_acc if sums else torch.zeros(0, device=device)
-            vec = torch.cat([vec, vec.new_tensor([float(n_tokens)])])
-            vec = D.all_reduce_mean(vec, info).tolist()
-            window_tokens = vec.pop() * info.world_size  # all ranks' tokens of the window
-            window_s = max(time.time() - t_log, 1e-9)
+            skipped = window.skipped
+            metrics = window.flush(done, cfg.batch_size, info)
             gn = good_grad_norm.full_tensor() if hasattr(good_grad_norm, "full_tensor") else good_grad_norm
-            metrics = dict(zip(sorted(sums), vec))
             if cfg.nonfinite == "skip":
                 metrics["skipped_steps"] = skipped
-            metrics.update(
-                grad_norm=float(gn),
-                lr=scheduler.get_last_lr()[0],
-                pairs_per_s=cfg.batch_size * (done - window_start) / window_s,  # the window's steps, not log_every
-                tokens_per_s=window_tokens / window_s,
-            )
+            metrics.update(grad_norm=float(gn), lr=scheduler.get_last_lr()[0])
             logger.log(done, "train", metrics)
             if progress is not None and "loss" in metrics:
                 progress.set_postfix(
@@ -465,16 +394,12 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                     acc=f"{metrics['reward_accuracy']:.3f}",
                     iacc=f"{metrics['implicit_accuracy']:.3f}",
                 )
-            sums, n_acc, n_tokens, t_log, window_start = {}, 0, 0, time.time(), done
-            skipped = 0
         if cfg.eval_every and done % cfg.eval_every == 0 and done < max_steps:
-            t_pause = time.time()
-            run_eval(done, "eval")
-            t_log += time.time() - t_pause
+            with window.pause():
+                run_eval(done, "eval")
         if cfg.save_every and done % cfg.save_every == 0 and done < max_steps:
-            t_pause = time.time()
-            save(done)
-            t_log += time.time() - t_pause
+            with window.pause():
+                save(done)
         if progress is not None:
             progress.update(1)
     if progress is not None:
@@ -500,6 +425,144 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
 
 def _same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def build_reference(
+    cfg: TrainConfig,
+    model: HafRewardModel,
+    train_ds: PreferenceDataset,
+    eval_ds: PreferenceDataset,
+    run_dir: Path,
+    rebuilt_from: dict[str, Any] | None,
+    pad_id: int,
+    info: D.DistInfo,
+    autocast: Callable,
+) -> ReferenceLogps:
+    """The reference log-probs of ``cfg.reference_mode``, from the model's *initial* weights (also on resume):
+    a frozen copy, the LoRA adapter disabled, none, or precomputed into a cache keyed by the model and data
+    (``rebuilt_from``: the checkpoint state of a run whose base model is gone; its recorded cache is used)."""
+    mode = cfg.reference_mode
+    amp_dtype = torch.bfloat16 if _use_bf16(cfg, info.device) else None
+    reference = ReferenceLogps(mode, backend=cfg.backend, amp_dtype=amp_dtype)
+    if mode == "copy":
+        reference.ref_model = frozen_copy(model)
+    elif mode == "precomputed" and rebuilt_from is not None:
+        reference.load_cache(_recorded_path(rebuilt_from.get("reference_cache"), run_dir))
+    elif mode == "precomputed":
+        keys = ("model", "model_type", "model_config", "tokenizer", "max_length", "max_prompt_length", "seed", "dtype")
+        reference.precompute(
+            model,
+            {"train": train_ds, "eval": eval_ds},
+            cache_dir=cfg.ref_cache_dir or run_dir / "ref_cache",
+            key_extra={k: v for k, v in cfg.to_dict().items() if k in keys},
+            pad_token_id=pad_id,
+            batch_size=cfg.eval_batch_size,
+            device=info.device,
+            write=info.is_main,
+            autocast=autocast,
+        )
+    return reference
+
+
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or ``auto`` on CUDA."""
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
+def build_optimizer(cfg: TrainConfig, model: HafRewardModel) -> torch.optim.Optimizer:
+    """AdamW with two parameter groups: the body (``lr``) and the reward head (``head_lr``, default ``lr``)."""
+    head_ids = {id(p) for p in model.reward_head.parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    return torch.optim.AdamW(
+        [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}],
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def loss_on_batch(
+    cfg: TrainConfig,
+    batch: PairBatch,
+    ref: torch.Tensor | None,
+    pair_terms: tuple[Any, Any],
+    hooks: TrainHooks,
+    step: int,
+    amp_dtype: torch.dtype | None,
+    check_finite: bool,
+) -> Callable[[RewardModelOutput, HafRewardModel], tuple[torch.Tensor, Any, torch.Tensor | None]]:
+    """The ``compute`` callable of one micro-batch: ``fused_haf_loss`` on the model's hidden states and LM head
+    (inside the wrapped forward, where DDP/FSDP have the parameters) plus a method's auxiliary loss."""
+    margin, weights = pair_terms
+
+    def compute(out: RewardModelOutput, m: HafRewardModel):
+        w, b = m.lm_head_weight, m.lm_head_bias
+        dt = amp_dtype or w.dtype
+        res = fused_haf_loss(
+            out.hidden.to(dt),
+            w.to(dt),
+            batch.labels,
+            out.rewards.float(),
+            ref,
+            beta=cfg.beta,
+            alpha=cfg.alpha,
+            reward_weight=cfg.reward_weight,
+            policy_loss=cfg.policy_loss,
+            simpo_gamma=cfg.simpo_gamma,
+            average_log_prob=cfg.average_log_prob,
+            reward_margin=margin,
+            label_smoothing=cfg.label_smoothing,
+            pair_weights=weights,
+            lm_head_bias=None if b is None else b.to(dt),
+            logit_scale=m.logit_scale,
+            softcap=m.softcap,
+            backend=cfg.backend,
+            check_finite=check_finite,
+        )
+        aux = hooks.aux_loss(out, batch, m, step) if hooks.aux_loss is not None else None
+        return (res.loss if aux is None else res.loss + aux), res, aux
+
+    return compute
+
+
+class LogWindow:
+    """What one log window accumulates: per-step loss terms (device tensors, synced once at ``flush``), tokens,
+    skipped updates, and the wall clock of its steps (``pause`` leaves eval / checkpoint time out)."""
+
+    def __init__(self, start_step: int) -> None:
+        self.reset(start_step)
+
+    def reset(self, start_step: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = self.tokens = self.skipped = 0
+        self.start, self.t0 = start_step, time.time()
+
+    def add(self, step_sums: dict[str, torch.Tensor], micro_batches: int) -> None:
+        for k, v in step_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.micro_batches += micro_batches
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.time()
+        yield
+        self.t0 += time.time() - t
+
+    def flush(self, done: int, pairs_per_step: int, info: D.DistInfo) -> dict[str, float]:
+        """Means over the window's micro-batches and ranks, throughput of its own steps; then a new window."""
+        keys = sorted(self.sums)
+        vec = (
+            torch.stack([self.sums[k] for k in keys]) / self.micro_batches
+            if keys
+            else torch.zeros(0, device=info.device)
+        )
+        vec = D.all_reduce_mean(torch.cat([vec, vec.new_tensor([float(self.tokens)])]), info).tolist()
+        seconds = max(time.time() - self.t0, 1e-9)
+        tokens = vec.pop() * info.world_size  # all ranks' tokens of the window
+        metrics = dict(zip(keys, vec))
+        metrics.update(pairs_per_s=pairs_per_step * (done - self.start) / seconds, tokens_per_s=tokens / seconds)
+        self.reset(done)
+        return metrics
 
 
 # ---------------------------------------------------------------------------------------------- resume
