@@ -24,6 +24,8 @@ class HafLossOutput:
     """Result of ``fused_haf_loss``. Shapes: scalars unless noted; B = number of pairs.
 
     ``reward_loss``, ``reward_margin`` and ``reward_accuracy`` are ``None`` when ``rewards`` is ``None``.
+    ``reward_margin`` [B] here is the reward-head gap ``r_c − r_r`` (the counterpart of ``implicit_margin``), not
+    the ``reward_margin`` argument of ``fused_haf_loss`` (the BT target margin it subtracts).
     ``chosen_logps``/``rejected_logps`` [B] are sequence sums (means with ``average_log_prob`` or
     ``simpo``); ``implicit_margin`` [B] is ``β·d``. When gradients were finished inside the forward (the
     default while training) the log-probs and implicit margins are detached.

@@ -18,8 +18,14 @@ def test_quick_experiment_end_to_end(tmp_path):
     data = json.loads((tmp_path / "out" / "secrets_rlhf.json").read_text())
     recs = [r for u in data["units"] for r in u["records"]]
     assert {r["method"] for r in recs} == set(X.METHODS)
-    assert all(0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["shift_acc"] <= 1.0 for r in recs)
-    assert 0.0 <= data["summary"]["auroc"]["0.2"]["mean"] <= 1.0
+    n_test, n_shift = X.QUICK["n_test"], X.QUICK["n_shift"]
+    for r in recs:  # each method is scored by its own reward, as a fraction of the whole held-out split
+        kind = "implicit" if X.METHODS[r["method"]][2] == "implicit" else "reward"
+        assert (r["test_acc"], r["shift_acc"]) == (r[f"test_{kind}_acc"], r[f"shift_{kind}_acc"]), r
+        assert r["test_acc"] * n_test == pytest.approx(round(r["test_acc"] * n_test), abs=1e-6), r
+        assert r["shift_acc"] * n_shift == pytest.approx(round(r["shift_acc"] * n_shift), abs=1e-6), r
+    auroc = data["summary"]["auroc"]["0.2"]
+    assert auroc["n"] == 1 and auroc["mean"] == pytest.approx(data["units"][0]["strength"]["auroc_flipped"]), auroc
     assert (tmp_path / "out" / "secrets_rlhf.png").stat().st_size > 1000
     assert (tmp_path / "out" / "strength_hist.png").exists()
     # the flip run trained on a rewritten file with exactly 10% of the pairs flipped

@@ -36,7 +36,7 @@ def test_small_demo_reaches_accuracy(tmp_path, capsys):
     want = torch.tensor([r["reward_chosen"] for r in res["rows"]])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert seq.config.pad_token_id == 0
-    assert 0.0 <= metrics["shift_reward_accuracy"] <= 1.0
+    assert metrics["shift_reward_accuracy"] > 0.6, metrics  # the shifted split: well above chance
 
     # the haf-score CLI: a summary line and per-pair rewards as JSON lines
     out = tmp_path / "scores.jsonl"
