@@ -10,45 +10,16 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from .cli import score_pairs
 from .config import build_config
 from .synthetic import write_task
 from .trainer import train
 
-MODEL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
-DEMO = dict(
-    model_type="llama",
-    model_config=MODEL,
-    tokenizer="synthetic",
-    max_length=32,
-    max_prompt_length=8,
-    batch_size=32,
-    micro_batch_size=32,
-    eval_batch_size=64,
-    lr=3e-3,
-    warmup_steps=20,
-    max_steps=250,
-    min_lr_ratio=0.05,
-    weight_decay=0.0,
-    grad_clip=1.0,
-    log_every=10,
-    eval_every=50,
-    seed=0,
-    reference="precomputed",
-    tensorboard=True,
-    plots=True,
-    num_threads=1,
-)
-SMALL = dict(max_steps=60, warmup_steps=8, n_train=800, n_test=200)
+CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"  # the demo's settings, one place
+SMALL = dict(n_train=800, n_test=200)
+SMALL_FLAGS = ["--max_steps", "60", "--warmup_steps", "8"]
 FULL = dict(n_train=2500, n_test=500)
 
 
@@ -57,10 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     small = "--small" in argv
     if small:
         argv.remove("--small")
-    sizes = dict(SMALL if small else FULL)
-    defaults = dict(DEMO, run_dir="runs/demo-small" if small else "runs/demo")
-    defaults.update({k: v for k, v in sizes.items() if k in DEMO})
-    cfg = build_config(argv, **defaults)
+    sizes = SMALL if small else FULL
+    run_dir = "runs/demo-small" if small else "runs/demo"
+    cfg = build_config([str(CONFIG), *(SMALL_FLAGS if small else []), *argv], run_dir=run_dir)
     t0 = time.time()
     paths = write_task(f"{cfg.run_dir}/data", seed=0, n_train=sizes["n_train"], n_test=sizes["n_test"], n_shift=200)
     cfg = cfg.replace(train_data=cfg.train_data or str(paths["train"]), eval_data=cfg.eval_data or str(paths["test"]))
