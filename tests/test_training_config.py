@@ -109,3 +109,16 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
     empty.write_text("eval_data:\nlr: 1e-4\n")  # an empty value is "", YAML's 1e-4 is a string: both coerced
     cfg = build_config([str(empty)])
     assert cfg.eval_data == "" and cfg.lr == 1e-4
+
+
+def test_every_field_in_exactly_one_section_and_help_is_grouped(capsys):
+    import dataclasses
+
+    from training.cli import train_main
+    from training.config import SECTIONS
+
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(TrainConfig)) and len(listed) == len(set(listed))
+    train_main(["--help"])
+    out = capsys.readouterr().out
+    assert out.index(" objective:") < out.index("--policy_loss") < out.index(" optimisation:") < out.index("--lr ")

@@ -103,9 +103,7 @@ class TrainConfig:
     seed: int = 0
     nonfinite: str = "stop"  # a non-finite loss or gradient: stop (error naming the step) | skip (drop the update)
     nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
-    check_finite_steps: int = (
-        10  # loss inputs checked for NaN/Inf (naming the tensor) in the first N steps (single process); 0: off
-    )
+    check_finite_steps: int = 10  # loss inputs checked for NaN/Inf in the first N steps (single process); 0: off
     # ---- system
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -337,6 +335,106 @@ class TrainConfig:
         return "lora" if self.lora_r > 0 else "precomputed"
 
 
+# The config's sections, in order (the flat keys stay the CLI flags and YAML keys; `haf-train --help` and the
+# README group them this way). Every field is in exactly one section (tested).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": (
+        "run_dir",
+        "train_data",
+        "eval_data",
+        "eval_fraction",
+        "train_split",
+        "eval_split",
+        "skip_bad_rows",
+        "max_train_rows",
+        "max_eval_rows",
+        "max_length",
+        "max_prompt_length",
+    ),
+    "model": (
+        "model",
+        "model_type",
+        "model_config",
+        "tokenizer",
+        "gradient_checkpointing",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "reference",
+        "ref_cache_dir",
+    ),
+    "objective": (
+        "beta",
+        "alpha",
+        "reward_weight",
+        "policy_loss",
+        "simpo_gamma",
+        "average_log_prob",
+        "label_smoothing",
+        "margin_column",
+        "margin_scale",
+        "weight_column",
+        "backend",
+    ),
+    "rm methods": (
+        "noisy_mode",
+        "noisy_fraction",
+        "noisy_threshold",
+        "noisy_soft_mode",
+        "noisy_soft_epsilon",
+        "noisy_soft_weight",
+        "strength_column",
+        "adaptive_margin",
+        "contrastive",
+        "contrastive_on",
+        "contrastive_weight",
+        "contrastive_temperature",
+        "contrastive_prototypes",
+        "contrastive_dropout",
+        "metarm_data",
+        "metarm_k",
+        "metarm_inner_lr",
+        "metarm_prompts",
+        "metarm_first_order",
+    ),
+    "optimisation": (
+        "batch_size",
+        "micro_batch_size",
+        "lr",
+        "head_lr",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "min_lr_ratio",
+        "grad_clip",
+        "seed",
+        "nonfinite",
+        "nonfinite_max_skips",
+        "check_finite_steps",
+    ),
+    "run": (
+        "device",
+        "dtype",
+        "distributed",
+        "num_threads",
+        "eval_batch_size",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "resume",
+        "progress",
+        "tensorboard",
+        "plots",
+        "export",
+        "debug_step_sleep",
+    ),
+}
+
+
 def _field_type(cls: type, name: str) -> Any:
     hints = typing.get_type_hints(cls)
     return hints[name]
@@ -555,9 +653,14 @@ def build_config(
 
 
 def help_text(cls: type = TrainConfig) -> str:
-    """One line per field: ``--name (type, default)``."""
+    """One line per field, ``--name default``, under its section (``SECTIONS``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    sections = SECTIONS if cls is TrainConfig else {"options": tuple(fields)}
     lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name:<24} {default!r}")
+    for section, names in sections.items():
+        lines.append(f" {section}:")
+        for name in names:
+            f = fields[name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  --{f.name:<24} {default!r}")
     return "\n".join(lines)
