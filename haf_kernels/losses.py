@@ -40,6 +40,7 @@ class HafLossOutput:
     implicit_margin: torch.Tensor
     reward_accuracy: torch.Tensor | None
     implicit_accuracy: torch.Tensor
+    center_loss: torch.Tensor | None = None  # mean((r_c + r_r)²) when center_rewards_coefficient > 0
 
 
 def fused_haf_loss(
@@ -58,6 +59,7 @@ def fused_haf_loss(
     reward_margin: torch.Tensor | float | None = None,
     label_smoothing: float = 0.0,
     pair_weights: torch.Tensor | None = None,
+    center_rewards_coefficient: float = 0.0,
     lm_head_bias: torch.Tensor | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
@@ -82,6 +84,9 @@ def fused_haf_loss(
         reward_margin: ``[B]`` or scalar margin subtracted inside the BT term (adaptive margin).
         label_smoothing: ε in ``[0, 0.5)`` for the BT term and the sigmoid/simpo policy terms.
         pair_weights: ``[B]`` non-negative weights; each term is ``Σ wᵢ·lossᵢ / Σ wᵢ`` (0 if all are 0).
+        center_rewards_coefficient: c ≥ 0 adds reward centering ``c · Σ wᵢ·(r_cᵢ + r_rᵢ)² / Σ wᵢ`` (TRL's
+            ``center_rewards_coefficient``; Eisenstein et al. 2023): keeps rewards near zero mean, which the BT
+            term alone leaves free. Needs ``rewards``.
         lm_head_bias, logit_scale, softcap, ignore_index, backend: as in ``linear_logprobs``.
         grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
             outputs detached). ``None``: on when gradients are needed, the backend keeps logits natively
@@ -113,6 +118,7 @@ def fused_haf_loss(
         reward_margin=reward_margin,
         label_smoothing=label_smoothing,
         pair_weights=pair_weights,
+        center_rewards_coefficient=center_rewards_coefficient,
         bias=lm_head_bias,
         logit_scale=logit_scale,
         softcap=softcap,
@@ -197,7 +203,7 @@ def fused_haf_loss(
     implicit_margin = beta * d
     loss = alpha * policy
 
-    reward_loss = reward_diff = reward_acc = None
+    reward_loss = reward_diff = reward_acc = center_loss = None
     if rewards is not None:
         r = rewards.to(dt)
         reward_diff = r[:n_pairs] - r[n_pairs:]
@@ -207,6 +213,9 @@ def fused_haf_loss(
         reward_loss = (objectives.bradley_terry(m, label_smoothing) * norm_weights).sum()
         loss = loss + reward_weight * reward_loss
         reward_acc = (reward_diff > 0).to(dt).mean()
+        if center_rewards_coefficient > 0:
+            center_loss = ((r[:n_pairs] + r[n_pairs:]) ** 2 * norm_weights).sum()
+            loss = loss + center_rewards_coefficient * center_loss
 
     out_dt = compute_dtype(hidden.dtype)
     cast = lambda x: None if x is None else x.to(out_dt)  # noqa: E731
@@ -220,6 +229,7 @@ def fused_haf_loss(
         implicit_margin=cast(implicit_margin),
         reward_accuracy=cast(reward_acc),
         implicit_accuracy=cast((d > 0).to(dt).mean()),
+        center_loss=cast(center_loss),
     )
 
 
@@ -236,6 +246,7 @@ class HafLoss(nn.Module):
         simpo_gamma: float = 0.0,
         average_log_prob: bool = False,
         label_smoothing: float = 0.0,
+        center_rewards_coefficient: float = 0.0,
         logit_scale: float = 1.0,
         softcap: float | None = None,
         ignore_index: int = -100,
@@ -252,6 +263,7 @@ class HafLoss(nn.Module):
             simpo_gamma=simpo_gamma,
             average_log_prob=average_log_prob,
             label_smoothing=label_smoothing,
+            center_rewards_coefficient=center_rewards_coefficient,
             logit_scale=logit_scale,
             softcap=softcap,
             ignore_index=ignore_index,

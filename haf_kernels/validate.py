@@ -116,6 +116,7 @@ def check_haf_args(
     reward_margin: torch.Tensor | float | None,
     label_smoothing: float,
     pair_weights: torch.Tensor | None,
+    center_rewards_coefficient: float = 0.0,
     bias: torch.Tensor | None,
     logit_scale: float,
     softcap: float | None,
@@ -162,6 +163,11 @@ def check_haf_args(
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if not isinstance(simpo_gamma, (int, float)) or not math.isfinite(simpo_gamma):
         raise ValueError(f"simpo_gamma must be a finite number, got {simpo_gamma!r}")
+    c = center_rewards_coefficient
+    if not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+        raise ValueError(f"center_rewards_coefficient must be a finite number >= 0, got {c!r}")
+    if c > 0 and rewards is None:
+        raise ValueError("center_rewards_coefficient > 0 centres the reward-head scores: pass rewards")
     if not isinstance(label_smoothing, (int, float)) or not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if reward_margin is not None and isinstance(reward_margin, torch.Tensor):

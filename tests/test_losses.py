@@ -34,6 +34,7 @@ def naive_haf(
     bias,
     scale,
     softcap,
+    center=0.0,
 ):
     """Materialised-logits float64 HaF loss written straight from the spec (no haf_kernels code)."""
     z = hidden.double() @ weight.double().T
@@ -84,6 +85,10 @@ def naive_haf(
         reward_loss = (w * bt(m)).sum() / wsum if wsum > 0 else (w * bt(m)).sum() * 0
         loss = loss + reward_weight * reward_loss
         out.update(reward_loss=reward_loss, reward_margin=rd, reward_accuracy=(rd > 0).double().mean())
+        if center:  # reward centering: c · weighted mean of (r_c + r_r)²
+            rs = rewards[:b].double() + rewards[b:].double()
+            out["center_loss"] = (w * rs**2).sum() / wsum
+            loss = loss + center * out["center_loss"]
     out["loss"] = loss
     return out
 
@@ -124,6 +129,7 @@ def check_case(
     alpha=0.2,
     reward_weight=1.0,
     beta=0.1,
+    center=0.0,
 ):
     hidden, weight, labels, rewards, ref = make_batch(n_pairs, t, d, v, dtype, all_ignored_row=all_ignored_row)
     b = torch.randn(v, dtype=torch.float64).to(dtype) if bias else None
@@ -141,6 +147,7 @@ def check_case(
         weights=weights,
         scale=scale,
         softcap=softcap,
+        center=center,
     )
 
     leaves_ref = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
@@ -178,6 +185,7 @@ def check_case(
         softcap=softcap,
         backend=backend,
         grad_in_forward=grad_in_forward,
+        center_rewards_coefficient=center,
     )
     got_grads = torch.autograd.grad(out.loss * up.to(out.loss.dtype), leaves + ([r_in] if r_in is not None else []))
     err = tol(dtype) * (10 if dtype == torch.float16 else 1)
@@ -236,6 +244,7 @@ OPTION_SETS = {
     ),
     "no-rewards": dict(with_rewards=False),
     "dpo-as-rm": dict(reward_weight=0.0),
+    "center-rewards": dict(center=0.05, weights=torch.tensor([1.0, 0.0, 2.5], dtype=torch.float64)),
 }
 
 

@@ -93,3 +93,16 @@ def test_hooks_and_pair_columns(data, tmp_path):
     assert all("aux_loss" in r for r in rec if r["split"] == "train")
     state = ckpt.load(tmp_path / "run" / ckpt.CHECKPOINT)
     assert "extra.weight" in state["model"] and state["config"]["weight_column"] == "flipped"
+
+
+def test_reward_centering_flag(data, tmp_path):
+    """center_rewards_coefficient: the loop logs the centering term and eval reports where the rewards sit;
+    a strong coefficient pulls the mean reward towards 0 compared with the same run without it."""
+    runs = {}
+    for c in (0.0, 1.0):
+        cfg = cfg_for(data, tmp_path / f"run{c}", max_steps=30, lr=3e-2, head_lr=0.1, center_rewards_coefficient=c)
+        runs[c] = train(cfg)
+        rec = [json.loads(x) for x in (tmp_path / f"run{c}" / "metrics.jsonl").read_text().splitlines()]
+        assert all(("center_loss" in r) == (c > 0) for r in rec if r["split"] == "train")
+        assert math.isfinite(runs[c]["reward_mean"]) and runs[c]["reward_std"] > 0
+    assert abs(runs[1.0]["reward_mean"]) < abs(runs[0.0]["reward_mean"]), runs

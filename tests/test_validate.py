@@ -111,3 +111,13 @@ def test_sequence_logprobs_bad_shapes():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="backend must be one of"):
         hk.linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), backend="x")
+
+
+def test_center_rewards_coefficient_checked():
+    import haf_kernels as hk
+
+    h, w, y = torch.randn(4, 3, 8), torch.randn(20, 8), torch.randint(0, 20, (4, 3))
+    with pytest.raises(ValueError, match=r"center_rewards_coefficient must be a finite number >= 0, got -0.1"):
+        hk.fused_haf_loss(h, w, y, torch.randn(4), center_rewards_coefficient=-0.1)
+    with pytest.raises(ValueError, match="center_rewards_coefficient > 0 centres the reward-head scores: pass rewards"):
+        hk.fused_haf_loss(h, w, y, None, center_rewards_coefficient=0.01)

@@ -59,6 +59,7 @@ class TrainConfig:
     simpo_gamma: float = 0.0
     average_log_prob: bool = False
     label_smoothing: float = 0.0
+    center_rewards_coefficient: float = 0.0  # c: adds c · mean((r_c + r_r)²) (TRL's reward centering); 0: off
     margin_column: str = ""  # per-pair column subtracted in the BT term (e.g. "margin" or "strength")
     margin_scale: float = 1.0  # λ: margin = λ · column
     weight_column: str = ""  # per-pair column used as pair weights (e.g. "weight")
@@ -229,6 +230,9 @@ class TrainConfig:
         choice("policy_loss", objectives.names())
         num("simpo_gamma")
         num("label_smoothing", 0.0, 0.5, hi_open=True)
+        num("center_rewards_coefficient", 0.0)
+        if self.center_rewards_coefficient and self.reward_weight == 0 and "reward_weight" not in typ_bad:
+            bad("center_rewards_coefficient", "centres the reward head's scores: needs reward_weight > 0")
         num("margin_scale")
         from haf_kernels.backends import BACKENDS
 
@@ -372,6 +376,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "simpo_gamma",
         "average_log_prob",
         "label_smoothing",
+        "center_rewards_coefficient",
         "margin_column",
         "margin_scale",
         "weight_column",

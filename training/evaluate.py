@@ -47,6 +47,11 @@ def pair_metrics(rows: list[dict[str, Any]], prefix: str = "") -> dict[str, floa
     out[f"{prefix}reward_margin"] = sum(rm) / n
     out[f"{prefix}implicit_margin"] = sum(im) / n
     out[f"{prefix}reward_ece"] = expected_calibration_error(rm)
+    scores = [r[k] for r in rows for k in ("reward_chosen", "reward_rejected") if r.get(k) is not None]
+    if scores:  # where the rewards sit (reward centering keeps the mean near 0)
+        mean = sum(scores) / len(scores)
+        out[f"{prefix}reward_mean"] = mean
+        out[f"{prefix}reward_std"] = math.sqrt(sum((x - mean) ** 2 for x in scores) / max(len(scores) - 1, 1))
     out[f"{prefix}reward_bt_loss"] = sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in rm) / n
     true = [r for r in rows if r.get("true_margin") is not None and not math.isnan(r["true_margin"])]
     if true:  # synthetic data: agreement with the true order, whatever the (possibly noisy) label says

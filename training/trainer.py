@@ -348,6 +348,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                 ("reward_accuracy", res.reward_accuracy),
                 ("implicit_accuracy", res.implicit_accuracy),
                 ("aux_loss", aux),
+                ("center_loss", res.center_loss),
             ):
                 if v is not None:
                     step_sums[k] = step_sums.get(k, 0.0) + v.detach().float()
@@ -513,6 +514,7 @@ def loss_on_batch(
             reward_margin=margin,
             label_smoothing=cfg.label_smoothing,
             pair_weights=weights,
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
             lm_head_bias=None if b is None else b.to(dt),
             logit_scale=m.logit_scale,
             softcap=m.softcap,
