@@ -56,3 +56,33 @@ def torch_err_bound(torch_err: float, dtype: torch.dtype) -> float:
 def _seed():
     torch.manual_seed(int(os.environ.get("HAF_TEST_SEED", "0")))
     yield
+
+
+# The tiny in-process training run of the loop tests: a 1-layer Llama on the synthetic task's word-level tokenizer.
+TINY_MODEL = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64
+)
+
+
+def tiny_train_config(data, run_dir, **kw):
+    """A ``TrainConfig`` for 2 quick steps on ``data/{train,test}.jsonl`` (``kw`` overrides any field)."""
+    from training.config import TrainConfig
+
+    base = dict(
+        train_data=str(data / "train.jsonl"),
+        eval_data=str(data / "test.jsonl"),
+        tokenizer="synthetic",
+        model_config=TINY_MODEL,
+        max_length=32,
+        max_prompt_length=8,
+        batch_size=8,
+        micro_batch_size=4,
+        max_steps=2,
+        log_every=1,
+        lr=1e-3,
+        run_dir=str(run_dir),
+        progress=False,
+        tensorboard=False,
+        plots=False,
+    )
+    return TrainConfig.from_dict({**base, **kw})

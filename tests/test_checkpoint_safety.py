@@ -20,14 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.synthetic import write_task
-
-MODEL = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64
-)
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +35,7 @@ def data(tmp_path_factory):
 
 
 def cfg_for(data: Path, run_dir: Path, **kw) -> TrainConfig:
-    base = dict(
-        train_data=str(data / "train.jsonl"),
-        eval_data=str(data / "test.jsonl"),
-        tokenizer="synthetic",
-        model_config=MODEL,
-        max_length=32,
-        max_prompt_length=8,
-        batch_size=8,
-        micro_batch_size=4,
-        max_steps=2,
-        log_every=1,
-        lr=1e-3,
-        run_dir=str(run_dir),
-        progress=False,
-        tensorboard=False,
-        plots=False,
-    )
-    return TrainConfig.from_dict({**base, **kw})
+    return tiny_train_config(data, run_dir, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, tiny_train_config
 
 from training import checkpoint as ckpt_io
 from training.synthetic import write_task
@@ -134,9 +135,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- in-process resumes
-SMALL = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64
-)
+SMALL = TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -147,26 +146,7 @@ def small_data(tmp_path_factory):
 
 
 def small_cfg(data: Path, run_dir: Path, **kw):
-    from training.config import TrainConfig
-
-    base = dict(
-        train_data=str(data / "train.jsonl"),
-        eval_data=str(data / "test.jsonl"),
-        tokenizer="synthetic",
-        model_config=SMALL,
-        max_length=32,
-        max_prompt_length=8,
-        batch_size=8,
-        micro_batch_size=4,
-        max_steps=2,
-        log_every=1,
-        lr=1e-3,
-        run_dir=str(run_dir),
-        progress=False,
-        tensorboard=False,
-        plots=False,
-    )
-    return TrainConfig.from_dict({**base, **kw})
+    return tiny_train_config(data, run_dir, **kw)
 
 
 def test_resume_refuses_incoherent_changes_and_allows_safe_ones(small_data, tmp_path, capsys):
