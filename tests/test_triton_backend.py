@@ -369,24 +369,26 @@ def build(fn, consts, ptr_types, arch, tiles):
 
 out = []
 for arch in (80, 90):
-    for dname in ("bf16", "fp32"):
+    for dname in ("bf16", "fp32", "fp64"):  # fp64: the fp64 accumulators need tl.dot(..., out_dtype=acc.dtype)
+        fp64 = dname == "fp64"
         kind = "half" if dname == "bf16" else "fp32"
-        t = C._TABLE[("sm90" if arch == 90 else "sm80", kind)]
-        acc = "*fp32"
+        t = C._FP64 if fp64 else C._TABLE[("sm90" if arch == 90 else "sm80", kind)]
+        acc = "*fp64" if fp64 else "*fp32"
         io = "*" + dname
         prec = "tf32" if dname == "bf16" else "ieee"
-        flags = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SOFTCAP=True, IS_FP64=False, DOT_PRECISION=prec)
+        flags = dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SOFTCAP=True, IS_FP64=fp64, DOT_PRECISION=prec)
         filt = arch == 90
         ptrs = dict(h_ptr=io, w_ptr=io, b_ptr=io, y_ptr="*i64", max_ptr=acc, sum_ptr=acc, tgt_ptr=acc,
-                    g_ptr=acc, lse_ptr=acc, dz_ptr=io, dbp_ptr=acc, flag_ptr="*i8", acc_ptr=acc, out_ptr=io)
+                    g_ptr=acc, lse_ptr=acc, dz_ptr=io, dbp_ptr=acc, flag_ptr="*i8", acc_ptr=acc, out_ptr=io,
+                    gn_ptr=acc, gmax_ptr=acc)
         res = [
             build(F.linear_logprobs_fwd_kernel, dict(flags, BLOCK_N=t.block_n, BLOCK_V=t.block_v,
                   BLOCK_D=t.block_d), ptrs, arch, t),
             build(B.linear_logprobs_bwd_dlogits_kernel, dict(flags, FILTER=filt, BLOCK_N=t.block_n,
                   BLOCK_V=t.block_v, BLOCK_D=t.block_d), ptrs, arch, t),
-            build(B.linear_logprobs_bwd_dh_kernel, dict(ACCUMULATE=True, FINAL=True, FILTER=filt, IS_FP64=False,
+            build(B.linear_logprobs_bwd_dh_kernel, dict(ACCUMULATE=True, FINAL=True, FILTER=filt, IS_FP64=fp64,
                   DOT_PRECISION=prec, BLOCK_N=t.block_n, BLOCK_K=t.block_v, BLOCK_D=t.block_d_out), ptrs, arch, t),
-            build(B.linear_logprobs_bwd_dw_kernel, dict(FILTER=filt, IS_FP64=False, DOT_PRECISION=prec,
+            build(B.linear_logprobs_bwd_dw_kernel, dict(FILTER=filt, IS_FP64=fp64, DOT_PRECISION=prec,
                   BLOCK_V=t.block_v, BLOCK_K=t.block_n, BLOCK_D=t.block_d_out), ptrs, arch, t),
         ]
         for r in res:
@@ -425,9 +427,46 @@ def test_kernels_compile_for_sm80_sm90():
             pytest.skip("this Triton's ASTSource signature differs")
         pytest.fail(f"AOT compile failed:\n{err}")
     results = json.loads(line[0][len("AOT-RESULT ") :])
-    assert len(results) == 16
+    assert len(results) == 24  # 4 kernels × sm80/sm90 × bf16/fp32/fp64
     for r in results:
         limit = 227 * 1024 if r["arch"] == 90 else 163 * 1024
         assert r["shared"] <= limit, r
         if r["dtype"] == "bf16":
             assert r["tensor_cores"], r
+
+
+@pytest.mark.parametrize("g_scale", [1e-4, 6e-4])
+def test_fp16_gradients_at_the_real_loss_scale(nan_empty, g_scale):
+    """fp16 at the upstream gradient the HaF loss really sends (α·β·σ/B ≈ 1e-4) and a vocab where softmax
+    entries are ~1/V: g·p is below fp16's smallest subnormal (6e-8), so a dz stored as g·(onehot − p) in fp16
+    loses every non-target entry (dW rows of non-targets all 0). Stored unscaled, with g applied in fp32, dH and
+    dW stay within the fp16 tolerance of the float64 reference."""
+    n, v, d = 16, 4096, 16
+    opts = LogprobOptions()
+    hidden, weight, labels, _ = make_inputs(n, v, d, torch.float16)
+    grad = torch.full((n,), g_scale, device=DEVICE) * (1 + 0.1 * torch.randn(n, device=DEVICE))
+    _, _, ref_dh, ref_dw, _ = reference_grads(hidden, weight, labels, None, opts, grad)
+    _, lse = linear_logprobs_fwd(hidden, weight, labels, None, opts)
+    dh, dw, _ = linear_logprobs_bwd(grad, hidden, weight, labels, None, lse, opts, (True, True, False))
+    assert rel(dh, ref_dh) < TOL[torch.float16], rel(dh, ref_dh)
+    assert rel(dw, ref_dw) < TOL[torch.float16], rel(dw, ref_dw)
+    non_target = torch.ones(v, dtype=torch.bool, device=DEVICE)
+    non_target[labels] = False
+    assert (dw[non_target] != 0).any(dim=1).float().mean() > 0.99  # non-target rows carry their gradient
+
+
+@pytest.mark.parametrize(
+    "smem, row",
+    [(232448, "sm90"), (166912, "sm80"), (101376, "default"), (65536, "default")],  # H100, A100, sm_120, T4
+)
+def test_tiles_follow_shared_memory_not_major_version(monkeypatch, smem, row):
+    """The tile table is indexed by the device's shared memory: an sm_120 card (major 12, 99 KB) gets the
+    default tiles, not sm_90's (which need up to 192 KB)."""
+    from haf_kernels.backends.triton import _common as C
+
+    monkeypatch.setattr(C, "shared_memory_bytes", lambda device: smem)
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    assert C._arch(cuda) == row
+    tiles = C.tiles_for(torch.bfloat16, cuda, LogprobOptions().tuning)
+    assert tiles == C._TABLE[(row, "half")]

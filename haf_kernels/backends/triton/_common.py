@@ -71,13 +71,25 @@ _FP64 = Tiles(32, 32, 16, 32, 4, 1)
 _INTERPRETER = Tiles(16, 32, 16, 16, 1, 1)
 
 
-def _arch(device: torch.device) -> str:
+def shared_memory_bytes(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device``, as Triton sees it (0 off CUDA)."""
     if device.type != "cuda":
-        return "default"
-    major, _minor = torch.cuda.get_device_capability(device)
-    if major >= 9:
+        return 0
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        return int(props["max_shared_mem"])
+    except Exception:  # an older/newer Triton without that query: torch's view of the same attribute
+        return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0))
+
+
+def _arch(device: torch.device) -> str:
+    """Tile-table row by the shared memory the device offers, not by its major version: sm_120 (RTX 50xx, 99 KB)
+    must not get sm_90's 192 KB tiles. ≥ 200 KB (H100/H200/B200: 227 KB) → "sm90"; ≥ 160 KB (A100: 163 KB) →
+    "sm80"; else "default"."""
+    smem = shared_memory_bytes(device)
+    if smem >= 200 * 1024:
         return "sm90"
-    if major == 8:
+    if smem >= 160 * 1024:
         return "sm80"
     return "default"
 
@@ -182,9 +194,10 @@ def _logits_tile(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_ok = d < D
-        h = tl.load(h_row + d[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_col + d[:, None] * stride_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        d64 = d.to(tl.int64)  # column offsets in int64: a transposed W has stride_wd = V (wraps int32 at D·V ≥ 2³¹)
+        h = tl.load(h_row + d64[None, :] * stride_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_col + d64[:, None] * stride_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
         acc += b.to(acc.dtype)[None, :]

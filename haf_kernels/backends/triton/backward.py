@@ -11,17 +11,19 @@ Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``d
 ``HAF_TRITON_DZ_MB``, default 64 MiB, but at least 2048 columns; ``chunk_vocab`` overrides):
 
 1. ``linear_logprobs_bwd_dlogits_kernel`` — grid token tiles × vocab tiles of the chunk (grouped order):
-   recomputes the logits tile (``tl.dot`` over D), forms ``dz`` in fp32, writes it in the input dtype (fp32 for fp32
-   inputs), and writes per-tile column sums for ``dbias`` (fp32, summed over token tiles by torch).
-   With gradient filtering it also writes a flag per tile: 0 when every ``|dz|`` is at most the threshold
-   (the tile is then not stored and the two GEMMs below skip it).
+   recomputes the logits tile (``tl.dot`` over D), forms ``s = (onehot − p)·chain`` in fp32 and writes it in the
+   input dtype (fp32 for fp32 inputs), *unscaled* by ``g``: at the loss's real upstream gradient (α·β·σ/B ≈ 1e-4)
+   ``g·p`` falls below fp16's smallest subnormal, while ``s`` does not. It writes per-tile column sums of ``g·s``
+   for ``dbias`` (fp32, summed over token tiles by torch). With gradient filtering it also writes a flag per tile:
+   0 when every ``|s|`` is at most the threshold (the tile is then not stored and the two GEMMs below skip it).
 2. ``linear_logprobs_bwd_dh_kernel`` — grid token tiles × D tiles (grouped order), loop over the chunk's
-   vocab: ``dH[rows, d] (+)= dz[rows, chunk] · W[chunk, d]``; fp32 accumulator in registers, added to an fp32
-   ``[N, D]`` buffer between chunks, cast once to the input dtype after the last chunk (written directly
-   when there is a single chunk).
+   vocab: ``acc[rows, d] (+)= s[rows, chunk] · W[chunk, d]``; fp32 accumulator in registers, added to an fp32
+   ``[N, D]`` buffer between chunks; after the last chunk ``dH = g[rows] · acc`` in fp32, cast once to the input
+   dtype (written directly when there is a single chunk).
 3. ``linear_logprobs_bwd_dw_kernel`` — grid (vocab tiles of the chunk, D tiles), loop over all tokens:
-   ``dW[chunk, d] = dz[:, chunk]ᵀ · H[:, d]``; each dW element is owned by one program and finished in one
-   pass (fp32 in registers, cast once), so no fp32 ``[V, D]`` buffer and no atomics.
+   ``dW[chunk, d] = gmax · s[:, chunk]ᵀ · ((g/gmax) ⊙ H)[:, d]`` (the H tile is scaled by ``g/gmax ≤ 1`` in fp32
+   before the product, so its operands stay in range); each dW element is owned by one program and finished in
+   one pass (fp32 in registers, cast once), so no fp32 ``[V, D]`` buffer and no atomics.
 
 Why this dW strategy: accumulating dW with atomics (or read-modify-write) inside the logits kernel costs
 ``N·V·D / BLOCK_N`` fp32 memory updates — bandwidth-bound by several times at LLM sizes unless most tiles
@@ -115,7 +117,7 @@ def linear_logprobs_bwd_dlogits_kernel(
     )
     p = tl.exp(z - lse.to(z.dtype)[:, None])
     onehot = (cols[None, :] == y[:, None]).to(z.dtype)
-    dz = g.to(z.dtype)[:, None] * (onehot - p)
+    dz = onehot - p  # s: dL/d(raw logits) / g, stored unscaled (g is applied in fp32 by the GEMM kernels)
     if HAS_SOFTCAP:
         zc = z / softcap
         dz = dz * (1.0 - zc * zc)
@@ -124,7 +126,7 @@ def linear_logprobs_bwd_dlogits_kernel(
     ok = live[:, None] & col_ok[None, :]
     dz = tl.where(ok, dz, 0.0)
 
-    tl.store(dbp_ptr + pid_n * chunk + local, tl.sum(dz, axis=0), mask=col_ok)
+    tl.store(dbp_ptr + pid_n * chunk + local, tl.sum(g.to(z.dtype)[:, None] * dz, axis=0), mask=col_ok)
     dz_out = dz_ptr + rows.to(tl.int64)[:, None] * chunk + local[None, :]
     if FILTER:
         keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > threshold
@@ -142,29 +144,44 @@ def _dh_tile_step(
     """``acc += dz[rows, k] · W[v_start + k, dd]`` for one K tile of the dH GEMM."""
     a = tl.load(a_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     w = tl.load(
-        w_ptr + (v_start + k).to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
+        w_ptr + (v_start + k).to(tl.int64)[:, None] * stride_wv + dd.to(tl.int64)[None, :] * stride_wd,
         mask=k_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    return tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
 def _dw_tile_step(
-    acc, dz_ptr, h_ptr, tok, t_ok, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd, DOT_PRECISION: tl.constexpr
+    acc,
+    dz_ptr,
+    h_ptr,
+    gn_ptr,
+    tok,
+    t_ok,
+    local,
+    v_ok,
+    dd,
+    d_ok,
+    chunk,
+    stride_hn,
+    stride_hd,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """``acc += dz[tok, local]ᵀ · H[tok, dd]`` for one token tile of the dW GEMM."""
+    """``acc += s[tok, local]ᵀ · ((g/gmax) ⊙ H)[tok, dd]`` for one token tile of the dW GEMM."""
     a = tl.load(
         dz_ptr + tok.to(tl.int64)[None, :] * chunk + local[:, None],
         mask=v_ok[:, None] & t_ok[None, :],
         other=0.0,
     )
     h = tl.load(
-        h_ptr + tok.to(tl.int64)[:, None] * stride_hn + dd[None, :] * stride_hd,
+        h_ptr + tok.to(tl.int64)[:, None] * stride_hn + dd.to(tl.int64)[None, :] * stride_hd,
         mask=t_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    return tl.dot(a, h, acc, input_precision=DOT_PRECISION)
+    gn = tl.load(gn_ptr + tok, mask=t_ok, other=0.0)
+    h = (h.to(acc.dtype) * gn.to(acc.dtype)[:, None]).to(h_ptr.dtype.element_ty)
+    return tl.dot(a, h, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -174,6 +191,7 @@ def linear_logprobs_bwd_dh_kernel(
     acc_ptr,  # [N, D] fp32 running dH (read if ACCUMULATE, written unless FINAL)
     out_ptr,  # [N, D] dH in the input dtype (written if FINAL)
     flag_ptr,  # [token tiles, vocab tiles of C] tile flags (FILTER only)
+    g_ptr,  # [N] upstream gradient, applied per row at FINAL (fp32 / fp64)
     N,
     D,
     v_start,
@@ -219,6 +237,8 @@ def linear_logprobs_bwd_dh_kernel(
                 acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
             )
     if FINAL:
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        acc = acc * g.to(acc.dtype)[:, None]
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(acc_ptr + out_off, acc, mask=out_mask)
@@ -230,6 +250,8 @@ def linear_logprobs_bwd_dw_kernel(
     h_ptr,  # [N, D] hidden (strided)
     out_ptr,  # [V, D] dW in the input dtype (contiguous); rows v_start .. v_start+width written
     flag_ptr,  # [token tiles, vocab tiles of C] tile flags (FILTER only)
+    gn_ptr,  # [N] g / gmax (|·| ≤ 1)
+    gmax_ptr,  # [1] gmax = max |g| (fp32 / fp64)
     N,
     D,
     v_start,
@@ -260,20 +282,47 @@ def linear_logprobs_bwd_dw_kernel(
             keep = tl.load(flag_ptr + kt * n_flag_cols + pid_v) != 0
             if keep:
                 acc = _dw_tile_step(
-                    acc, dz_ptr, h_ptr, tok, t_ok, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd, DOT_PRECISION
+                    acc,
+                    dz_ptr,
+                    h_ptr,
+                    gn_ptr,
+                    tok,
+                    t_ok,
+                    local,
+                    v_ok,
+                    dd,
+                    d_ok,
+                    chunk,
+                    stride_hn,
+                    stride_hd,
+                    DOT_PRECISION,
                 )
         else:
             acc = _dw_tile_step(
-                acc, dz_ptr, h_ptr, tok, t_ok, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd, DOT_PRECISION
+                acc,
+                dz_ptr,
+                h_ptr,
+                gn_ptr,
+                tok,
+                t_ok,
+                local,
+                v_ok,
+                dd,
+                d_ok,
+                chunk,
+                stride_hn,
+                stride_hd,
+                DOT_PRECISION,
             )
+    acc = acc * tl.load(gmax_ptr).to(acc.dtype)
     out_off = (v_start + local).to(tl.int64)[:, None] * D + dd[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=v_ok[:, None] & d_ok[None, :])
 
 
 def grad_filter_threshold(opts: LogprobOptions) -> float | None:
     """Gradient-filtering threshold: ``opts.tuning.grad_filter`` (``HAF_GRAD_FILTER``), ``None`` when 0 (the
-    default: off). A tile of ``dz`` whose entries are all at most the threshold in magnitude is skipped by both
-    GEMMs.
+    default: off). A tile whose ``|onehot − p|`` (before the upstream gradient) are all at most the threshold is
+    skipped by both GEMMs.
     """
     value = opts.tuning.grad_filter
     return float(value) if value > 0 else None
@@ -315,7 +364,8 @@ def linear_logprobs_bwd(
 
     ``lse [N]`` comes from ``linear_logprobs_fwd``. Ignored tokens (``labels == ignore_index``) get zero
     gradient. Results are in the inputs' dtypes, ``None`` where ``needs`` says so (or ``bias`` is None).
-    ``grad_filter`` (default: :func:`grad_filter_threshold`) skips tiles whose ``|dz|`` are all below it.
+    ``grad_filter`` (default: :func:`grad_filter_threshold`) skips tiles whose ``|onehot − p|`` (times the
+    softcap/scale chain) are all below it: a threshold relative to the softmax, independent of the loss scale.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
@@ -339,6 +389,9 @@ def linear_logprobs_bwd(
     t = tiles or tiles_for(hidden.dtype, dev, opts.tuning)
     labels = labels.contiguous()
     g = grad_logp.to(acc_dtype).contiguous()
+    # dW's H tiles are scaled by g / gmax (≤ 1 in magnitude), the product by gmax (no host sync)
+    gmax = g.abs().amax().clamp_min(torch.finfo(acc_dtype).tiny).reshape(1)
+    gn = (g / gmax).contiguous()
     lse = lse.to(acc_dtype).contiguous()
     bias_c = None if bias is None else bias.contiguous()
     is_fp64 = hidden.dtype == torch.float64
@@ -409,6 +462,7 @@ def linear_logprobs_bwd(
                     dh_acc if dh_acc is not None else dh,
                     dh,
                     flags,
+                    g,
                     n,
                     d,
                     v_start,
@@ -435,6 +489,8 @@ def linear_logprobs_bwd(
                     hidden,
                     dw,
                     flags,
+                    gn,
+                    gmax,
                     n,
                     d,
                     v_start,
