@@ -150,8 +150,7 @@ def linear_logprobs(
         chunk_tokens / chunk_vocab: tile sizes of the chunked backends (``None``: a ~64 MiB fp32 tile).
         check_finite: raise ``NonFiniteInputError`` (a ``ValueError`` naming the argument) when ``hidden``,
             ``weight`` or ``bias`` holds NaN/Inf (``hidden``: rows of non-ignored tokens only), instead of
-            returning NaN. Costs one extra read of the
-            inputs and one host sync; off by default.
+            returning NaN. Costs one extra read of the inputs and one host sync; off by default.
 
     Returns:
         ``[N]`` float32 (float64 for float64 inputs), 0 where ``labels == ignore_index``. Differentiable
@@ -169,7 +168,8 @@ def linear_logprobs(
     opts = LogprobOptions(
         ignore_index, float(logit_scale), None if softcap is None else float(softcap), chunk_tokens, chunk_vocab
     )
-    return token_logprobs(hidden, weight, labels, bias, opts, backends.resolve(backend, hidden.device, hidden.dtype))
+    name = backends.resolve(backend, hidden.device, hidden.dtype)
+    return token_logprobs(hidden, weight, labels, bias, opts, name)
 
 
 def token_logprobs(

@@ -132,6 +132,8 @@ class PairBatch:
         return self.index.shape[0]
 
     def to(self, device: torch.device | str) -> PairBatch:
+        if self.input_ids.device == torch.device(device):
+            return self  # already there: no copy, and no second label check
         return PairBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),

@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     if hooks.on_model is not None:
         hooks.on_model(model, cfg)
     reference = build_reference(
-        cfg, model, train_ds, eval_ds, run_dir, resume if rebuilt else None, pad_id, info, autocast
+        cfg, model, train_ds, eval_ds, run_dir, resume if rebuilt else None, pad_id, info, autocast, amp_dtype
     )
     mode = reference.mode
     averaged = cfg.average_log_prob or objectives.get(cfg.policy_loss).length_averaged
@@ -438,12 +438,12 @@ def build_reference(
     pad_id: int,
     info: D.DistInfo,
     autocast: Callable,
+    amp_dtype: torch.dtype | None,
 ) -> ReferenceLogps:
     """The reference log-probs of ``cfg.reference_mode``, from the model's *initial* weights (also on resume):
     a frozen copy, the LoRA adapter disabled, none, or precomputed into a cache keyed by the model and data
     (``rebuilt_from``: the checkpoint state of a run whose base model is gone; its recorded cache is used)."""
     mode = cfg.reference_mode
-    amp_dtype = torch.bfloat16 if _use_bf16(cfg, info.device) else None
     reference = ReferenceLogps(mode, backend=cfg.backend, amp_dtype=amp_dtype)
     if mode == "copy":
         reference.ref_model = frozen_copy(model)
