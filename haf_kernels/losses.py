@@ -7,6 +7,7 @@ part (token log-probs) goes through ``logprobs.py`` and never materialises full-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,10 @@ class HafLossOutput:
     ``reward_loss``, ``reward_margin`` and ``reward_accuracy`` are ``None`` when ``rewards`` is ``None``.
     ``reward_margin`` [B] here is the reward-head gap ``r_c − r_r`` (the counterpart of ``implicit_margin``), not
     the ``reward_margin`` argument of ``fused_haf_loss`` (the BT target margin it subtracts).
-    ``chosen_logps``/``rejected_logps`` [B] are sequence sums (means with ``average_log_prob`` or
-    ``simpo``); ``implicit_margin`` [B] is ``β·d``. When gradients were finished inside the forward (the
-    default while training) the log-probs and implicit margins are detached.
+    ``chosen_logps``/``rejected_logps`` [B] are sequence sums (means with ``average_log_prob`` or a
+    length-averaged objective: ``ipo``, ``sigmoid_norm``, ``simpo``); ``implicit_margin`` [B] is ``β·d`` in the
+    same units; ``policy_loss`` is the weighted sum of the objectives' means. When gradients were finished inside
+    the forward (the default while training) the log-probs and implicit margins are detached.
     """
 
     loss: torch.Tensor
@@ -53,8 +55,10 @@ def fused_haf_loss(
     beta: float = 0.1,
     alpha: float = 0.2,
     reward_weight: float = 1.0,
-    policy_loss: str = "sigmoid",
+    policy_loss: str | Sequence[str] = "sigmoid",
+    policy_loss_weights: Sequence[float] | None = None,
     simpo_gamma: float = 0.0,
+    discopop_tau: float = 0.05,
     average_log_prob: bool = False,
     reward_margin: torch.Tensor | float | None = None,
     label_smoothing: float = 0.0,
@@ -76,14 +80,24 @@ def fused_haf_loss(
         labels: ``[2B, T]`` int64 next-token targets aligned with ``hidden``; ``ignore_index`` on
             prompt and padding.
         rewards: ``[2B]`` reward-head scores; ``None`` drops the BT term (plain DPO family).
-        ref_logps: ``[2B]`` reference sequence log-probs; ``None`` is reference-free.
+        ref_logps: ``[2B]`` reference sequence log-probs; ``None`` is reference-free. Per-token means when the loss
+            works on means (``average_log_prob``, or a length-averaged objective in ``policy_loss``:
+            ``objectives.uses_means``), sums otherwise.
         beta, alpha, reward_weight: ``loss = reward_weight·BT + alpha·policy`` (HaF: 0.1, 0.2, 1).
-        policy_loss: a registered objective (``haf_kernels.objectives``): ``"sigmoid"`` (DPO) | ``"hinge"`` |
-            ``"ipo"`` | ``"simpo"`` (length-averaged, reference-free) | ``"rdpo"`` (robust DPO, ε = label_smoothing).
-        simpo_gamma: SimPO target margin γ. average_log_prob: use per-token means instead of sums.
+        policy_loss: a registered objective (``haf_kernels.objectives.names()``; TRL's ``loss_type`` names and
+            meanings: ``"sigmoid"`` (DPO), ``"hinge"``, ``"ipo"`` (on per-token means), ``"robust"`` (alias
+            ``"rdpo"``), ``"exo_pair"``, ``"nca_pair"``, ``"bco_pair"``, ``"sppo_hard"``, ``"aot"``,
+            ``"aot_unpaired"``, ``"apo_zero"``, ``"apo_down"``, ``"discopop"``, ``"sft"``, ``"sigmoid_norm"``, and
+            ``"simpo"`` (length-averaged, reference-free)), or several as a list / comma-separated string.
+        policy_loss_weights: one weight ≥ 0 per objective of ``policy_loss`` (TRL's ``loss_weights``); the policy
+            term is ``Σₖ weightₖ · objectiveₖ``. ``None``: 1 each.
+        simpo_gamma: SimPO target margin γ. discopop_tau: DiscoPOP's τ (TRL's default 0.05).
+        average_log_prob: use per-token means instead of sums for every objective.
         reward_margin: ``[B]`` or scalar margin subtracted inside the BT term (adaptive margin).
-        label_smoothing: ε in ``[0, 0.5)`` for the BT term and the sigmoid/simpo policy terms.
-        pair_weights: ``[B]`` non-negative weights; each term is ``Σ wᵢ·lossᵢ / Σ wᵢ`` (0 if all are 0).
+        label_smoothing: ε in ``[0, 0.5)``: one value for the BT term and every objective that reads it (sigmoid,
+            sigmoid_norm, simpo, robust, exo_pair (needs ε > 0), aot, aot_unpaired).
+        pair_weights: ``[B]`` non-negative weights; each term is ``Σ wᵢ·lossᵢ / Σ wᵢ`` (0 if all are 0). Refused
+            with a batch-coupled objective (``aot``, ``aot_unpaired``: sorting detaches terms from pairs).
         center_rewards_coefficient: c ≥ 0 adds reward centering ``c · Σ wᵢ·(r_cᵢ + r_rᵢ)² / Σ wᵢ`` (TRL's
             ``center_rewards_coefficient``; Eisenstein et al. 2023): keeps rewards near zero mean, which the BT
             term alone leaves free. Needs ``rewards``.
@@ -91,7 +105,9 @@ def fused_haf_loss(
         grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
             outputs detached). ``None``: on when gradients are needed, the backend keeps logits natively
             (``torch``, ``cpp``) and one pair's kept fp32 logits (non-ignored tokens × V) fit
-            ``HAF_KEEP_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off.
+            ``HAF_KEEP_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off. A batch-coupled objective
+            (``aot``, ``aot_unpaired``) needs the whole batch in one chunk: ``None`` then recomputes in backward
+            when the batch does not fit ``HAF_KEEP_CHUNK_MB``, and ``True`` raises ``ValueError`` there.
         check_finite: raise ``NonFiniteInputError`` (a ``ValueError`` naming the argument) when ``hidden``,
             ``lm_head_weight``, ``lm_head_bias``, ``rewards``, ``ref_logps`` or ``reward_margin`` holds NaN/Inf
             (``hidden``: at non-ignored tokens only), instead of returning a NaN loss. One extra read of the
@@ -114,7 +130,9 @@ def fused_haf_loss(
         alpha=alpha,
         reward_weight=reward_weight,
         policy_loss=policy_loss,
+        policy_loss_weights=policy_loss_weights,
         simpo_gamma=simpo_gamma,
+        discopop_tau=discopop_tau,
         reward_margin=reward_margin,
         label_smoothing=label_smoothing,
         pair_weights=pair_weights,
@@ -140,25 +158,49 @@ def fused_haf_loss(
     two_b, seq_len, dim = hidden.shape
     opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
     name = backends.resolve(backend, dev, hidden.dtype)
-    objective = objectives.get(policy_loss)
-    params = objectives.ObjectiveParams(beta, label_smoothing, simpo_gamma)
-    averaged = average_log_prob or objective.length_averaged
+    plan = objectives.combination(policy_loss, policy_loss_weights)
+    params = objectives.ObjectiveParams(beta, label_smoothing, simpo_gamma, discopop_tau)
+    averaged = average_log_prob or any(o.length_averaged for o, _ in plan)  # units of ref_logps and the outputs
+    coupled = [o.name for o, _ in plan if o.batch_coupled]
 
     weights = torch.ones(n_pairs, dtype=dt, device=dev) if pair_weights is None else pair_weights.to(dt)
     norm_weights = weights / weights.sum().clamp_min(torch.finfo(dt).tiny)
     counts = (labels != ignore_index).sum(dim=1).to(dt)
-    denom = counts.clamp_min(1.0) if averaged else torch.ones_like(counts)
+    clamped = counts.clamp_min(1.0)
+    denom = clamped if averaged else torch.ones_like(counts)
+    mean_chosen_tokens = counts[:n_pairs].mean()  # the whole batch's, for every chunk (sft)
 
     def log_ratio(seq: torch.Tensor, ref: torch.Tensor | None, k: int) -> torch.Tensor:
         """``d`` for k pairs from sequence log-probs [2k] (already averaged if asked)."""
         return objectives.log_ratio(seq[:k], seq[k:], *((None, None) if ref is None else (ref[:k], ref[k:])))
 
+    def quantities(
+        seq_sums: torch.Tensor, ref: torch.Tensor | None, rows: torch.Tensor, means: bool
+    ) -> objectives.PairQuantities:
+        """The pairs of ``rows`` [2k] in sums or means; ``ref`` [2k] arrives in the units of ``averaged``."""
+        k = rows.shape[0] // 2
+        n = clamped[rows]
+        seq = seq_sums / n if means else seq_sums
+        if ref is not None and means != averaged:
+            ref = ref / n if means else ref * n
+        c = counts[rows]
+        rc, rr = (None, None) if ref is None else (ref[:k], ref[k:])
+        return objectives.PairQuantities(seq[:k], seq[k:], rc, rr, c[:k], c[k:], mean_chosen_tokens, means)
+
     def weighted_policy(seq_sums: torch.Tensor, ref: torch.Tensor | None, pair_idx: torch.Tensor) -> torch.Tensor:
-        k = pair_idx.shape[0]
         rows = torch.cat([pair_idx, pair_idx + n_pairs])
-        d = log_ratio(seq_sums / denom[rows], ref, k)
-        terms = objective.loss(d, params)
-        return (terms * norm_weights[pair_idx]).sum()
+        views: dict[bool, objectives.PairQuantities] = {}
+        # ref[:0].sum(): 0 that keeps ref in the graph when no objective reads it (sft alone): its gradient is 0
+        total = torch.zeros((), dtype=dt, device=dev) if ref is None else ref[:0].sum().to(dt)
+        for objective, weight in plan:
+            if weight == 0:
+                continue
+            means = average_log_prob or objective.length_averaged
+            if means not in views:
+                views[means] = quantities(seq_sums, ref, rows, means)
+            terms = objective.loss(views[means], params)
+            total = total + weight * (terms * norm_weights[pair_idx]).sum()
+        return total
 
     ref = None if ref_logps is None else ref_logps.to(dt)
     need_grad = torch.is_grad_enabled() and any(
@@ -177,6 +219,17 @@ def fused_haf_loss(
         use_fused = False  # a single pair's logits exceed the budget: recompute in backward instead
     elif chunks is None:
         chunks = [(p, p + 1) for p in range(n_pairs)]  # forced on: one pair at a time, over budget
+    if use_fused and coupled and len(chunks) > 1:
+        # A batch-coupled objective (it sorts over all pairs) has no per-chunk gradient: one chunk or none.
+        if grad_in_forward is None:
+            use_fused = False  # the batch's kept logits exceed the budget: recompute in backward instead
+        else:
+            raise ValueError(
+                f"policy_loss {coupled} couples pairs across the batch (it sorts over all pairs), so its gradients "
+                f"cannot be finished per chunk of pairs, and grad_in_forward=True needs the whole batch in one chunk: "
+                f"HAF_KEEP_CHUNK_MB={opts.tuning.keep_chunk_mb} splits these {n_pairs} pairs into {len(chunks)} "
+                "chunks. Raise HAF_KEEP_CHUNK_MB, or pass grad_in_forward=None or False (recompute in backward)"
+            )
 
     if use_fused:
         policy, seq_sums = FusedPairLossFunction.apply(
@@ -242,8 +295,10 @@ class HafLoss(nn.Module):
         beta: float = 0.1,
         alpha: float = 0.2,
         reward_weight: float = 1.0,
-        policy_loss: str = "sigmoid",
+        policy_loss: str | Sequence[str] = "sigmoid",
+        policy_loss_weights: Sequence[float] | None = None,
         simpo_gamma: float = 0.0,
+        discopop_tau: float = 0.05,
         average_log_prob: bool = False,
         label_smoothing: float = 0.0,
         center_rewards_coefficient: float = 0.0,
@@ -260,7 +315,9 @@ class HafLoss(nn.Module):
             alpha=alpha,
             reward_weight=reward_weight,
             policy_loss=policy_loss,
+            policy_loss_weights=policy_loss_weights,
             simpo_gamma=simpo_gamma,
+            discopop_tau=discopop_tau,
             average_log_prob=average_log_prob,
             label_smoothing=label_smoothing,
             center_rewards_coefficient=center_rewards_coefficient,

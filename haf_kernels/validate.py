@@ -7,6 +7,7 @@ received, so bad input never reaches a kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -111,12 +112,14 @@ def check_haf_args(
     beta: float,
     alpha: float,
     reward_weight: float,
-    policy_loss: str,
+    policy_loss: str | Sequence[str],
     simpo_gamma: float,
     reward_margin: torch.Tensor | float | None,
     label_smoothing: float,
     pair_weights: torch.Tensor | None,
     center_rewards_coefficient: float = 0.0,
+    policy_loss_weights: Sequence[float] | None = None,
+    discopop_tau: float = 0.05,
     bias: torch.Tensor | None,
     logit_scale: float,
     softcap: float | None,
@@ -153,9 +156,23 @@ def check_haf_args(
         if t.dim() != 1 or t.shape[0] != 2 * n_pairs:
             raise ValueError(f"{name} must be [2B] = [{2 * n_pairs}] (chosen then rejected), got shape {_shape(t)}")
         check_same_device("hidden", hidden, **{name: t})
-    objective = objectives.get(policy_loss)  # ValueError naming the registered objectives
-    if objective.reference_free and ref_logps is not None:
-        raise ValueError(f"policy_loss={policy_loss!r} is reference-free: pass ref_logps=None")
+    # ValueError naming the registered objectives, or the weights' problem
+    plan = objectives.combination(policy_loss, policy_loss_weights)
+    for objective, _ in plan:
+        if objective.reference_free and ref_logps is not None:
+            raise ValueError(f"policy_loss={objective.name!r} is reference-free: pass ref_logps=None")
+        if objective.needs_label_smoothing and label_smoothing == 0:
+            raise ValueError(
+                f"policy_loss={objective.name!r} needs label_smoothing > 0 (its ε; log ε diverges at 0), got "
+                f"{label_smoothing!r}; the EXO paper suggests 1e-3"
+            )
+        if objective.batch_coupled and pair_weights is not None:
+            raise ValueError(
+                f"policy_loss={objective.name!r} sorts over the batch, so its terms belong to no pair: pass "
+                "pair_weights=None"
+            )
+    if not isinstance(discopop_tau, (int, float)) or not math.isfinite(discopop_tau) or discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be a positive finite number, got {discopop_tau!r}")
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     for name, value in (("alpha", alpha), ("reward_weight", reward_weight)):

@@ -47,7 +47,7 @@ def naive_haf(
     valid = labels != -100
     tok = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * valid
     seq = tok.sum(-1)
-    if avg or policy == "simpo":
+    if avg or policy in ("simpo", "ipo"):  # ipo: per-token means of the log-ratios (TRL), ref_logps then means too
         seq = seq / valid.sum(-1).clamp_min(1)
     b = hidden.shape[0] // 2
     c, r = seq[:b], seq[b:]
@@ -64,7 +64,7 @@ def naive_haf(
     elif policy == "hinge":
         terms = torch.relu(1 - beta * d)
     elif policy == "ipo":
-        terms = (d - 1 / (2 * beta)) ** 2
+        terms = (d - 1 / (2 * beta)) ** 2  # d of per-token means
     elif policy == "rdpo":
         terms = ((1 - eps) * -F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
     else:

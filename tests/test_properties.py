@@ -37,6 +37,8 @@ def test_backends_agree(n_pairs, t, d, v, policy, use_ref, eps, softcap, scale, 
         if (objectives.get(policy).reference_free or not use_ref)
         else torch.randn(2 * n_pairs, generator=gen, dtype=torch.float64)
     )
+    if objectives.get(policy).needs_label_smoothing:
+        eps = 0.25  # exo_pair: log ε
     kw = dict(policy_loss=policy, label_smoothing=eps, softcap=softcap, logit_scale=scale)
 
     def run(backend, dtype):
