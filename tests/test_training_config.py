@@ -122,3 +122,28 @@ def test_every_field_in_exactly_one_section_and_help_is_grouped(capsys):
     train_main(["--help"])
     out = capsys.readouterr().out
     assert out.index(" objective:") < out.index("--policy_loss") < out.index(" optimisation:") < out.index("--lr ")
+
+
+def test_policy_loss_lists_and_weights(tmp_path):
+    """policy_loss takes one name, a comma-separated list (CLI) or a YAML list, with policy_loss_weights."""
+    cfg = build_config(["--policy_loss", "sigmoid,bco_pair,sft", "--policy_loss_weights", "0.8,0.2,1"])
+    assert cfg.policy_loss == "sigmoid,bco_pair,sft" and cfg.policy_loss_weights == [0.8, 0.2, 1.0]
+    path = tmp_path / "c.yaml"
+    path.write_text("policy_loss: [ipo, robust]\npolicy_loss_weights: [1, 0.5]\nlabel_smoothing: 0.1\n")
+    cfg = build_config([str(path)])
+    assert cfg.policy_loss == ["ipo", "robust"] and cfg.reference_mode == "precomputed"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert build_config(["--policy_loss", "rdpo"]).policy_loss == "rdpo"  # the old name of robust still works
+    assert build_config(["--policy_loss", "sigmoid,simpo"]).reference_mode == "none"
+    cases = [
+        (["--policy_loss", "sigmoid,kto"], r"policy_loss: must name registered objectives .* got unknown \['kto'\]"),
+        (["--policy_loss", "sigmoid,hinge", "--policy_loss_weights", "1"], r"policy_loss_weights: must have one"),
+        (["--policy_loss", "sigmoid,hinge", "--policy_loss_weights", "1,-2"], r"policy_loss_weights: must be finite"),
+        (["--policy_loss_weights", "a,b"], r"policy_loss_weights: expected a list"),
+        (["--policy_loss", "exo_pair"], r"label_smoothing: policy_loss exo_pair needs label_smoothing > 0"),
+        (["--policy_loss", "aot", "--weight_column", "w"], r"policy_loss: aot sorts over the batch"),
+        (["--discopop_tau", "0"], r"discopop_tau: must be > 0"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build_config(argv)

@@ -33,6 +33,8 @@ def cfg_for(data, run_dir, **kw) -> TrainConfig:
         (dict(reference="copy", gradient_checkpointing=True), "copy"),
         (dict(policy_loss="simpo", simpo_gamma=0.5), "none"),
         (dict(policy_loss="ipo", reference="precomputed", average_log_prob=True), "precomputed"),
+        # means (ipo) and sums (sigmoid) in one loss, and a batch-coupled objective, from the precomputed cache
+        (dict(policy_loss="ipo,sigmoid,aot_unpaired", policy_loss_weights=[1.0, 0.5, 0.2]), "precomputed"),
     ],
 )
 def test_reference_modes_and_losses(data, tmp_path, kw, mode):

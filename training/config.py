@@ -55,8 +55,13 @@ class TrainConfig:
     beta: float = 0.1
     alpha: float = 0.2
     reward_weight: float = 1.0
-    policy_loss: str = "sigmoid"  # a haf_kernels.objectives name: sigmoid | hinge | ipo | simpo | rdpo
+    # haf_kernels.objectives names (TRL's loss_type): one, a list or "a,b,c"; e.g. sigmoid | hinge | ipo | robust
+    # | exo_pair | nca_pair | bco_pair | sppo_hard | aot | aot_unpaired | apo_zero | apo_down | discopop | sft
+    # | sigmoid_norm | simpo
+    policy_loss: str | list = "sigmoid"
+    policy_loss_weights: list = field(default_factory=list)  # one weight per policy_loss name (TRL's loss_weights)
     simpo_gamma: float = 0.0
+    discopop_tau: float = 0.05  # τ of discopop
     average_log_prob: bool = False
     label_smoothing: float = 0.0
     center_rewards_coefficient: float = 0.0  # c: adds c · mean((r_c + r_r)²) (TRL's reward centering); 0: off
@@ -227,8 +232,9 @@ class TrainConfig:
         num("reward_weight", 0.0)
         if not typ_bad & {"alpha", "reward_weight"} and self.alpha == 0 and self.reward_weight == 0:
             bad("reward_weight", "alpha and reward_weight are both 0: the loss would be 0")
-        choice("policy_loss", objectives.names())
+        self._check_policy_loss(bad, typ_bad)
         num("simpo_gamma")
+        num("discopop_tau", 0.0, lo_open=True)
         num("label_smoothing", 0.0, 0.5, hi_open=True)
         num("center_rewards_coefficient", 0.0)
         if self.center_rewards_coefficient and self.reward_weight == 0 and "reward_weight" not in typ_bad:
@@ -318,6 +324,34 @@ class TrainConfig:
                 )
         return out
 
+    def _check_policy_loss(self, bad: Any, typ_bad: set[str]) -> None:
+        """``policy_loss`` names, ``policy_loss_weights`` and what the named objectives need of other keys."""
+        if "policy_loss" in typ_bad:
+            return
+        value = self.policy_loss
+        if isinstance(value, str) and "," not in value and value not in objectives.names():
+            if value not in objectives.aliases():
+                bad("policy_loss", f"must be one of {'|'.join(objectives.names())}, got {value!r}")
+                return
+        try:
+            plan = objectives.combination(value)
+        except (TypeError, ValueError) as exc:
+            bad("policy_loss", str(exc).removeprefix("policy_loss "))
+            return
+        if "policy_loss_weights" not in typ_bad and self.policy_loss_weights:
+            try:
+                objectives.combination(value, self.policy_loss_weights)
+            except (TypeError, ValueError) as exc:
+                bad("policy_loss_weights", str(exc).removeprefix("policy_loss_weights "))
+        for obj, _ in plan:
+            if obj.needs_label_smoothing and "label_smoothing" not in typ_bad and self.label_smoothing == 0:
+                bad("label_smoothing", f"policy_loss {obj.name} needs label_smoothing > 0 (EXO's ε; the paper: 1e-3)")
+            if obj.batch_coupled and (self.weight_column or self.noisy_mode):
+                bad(
+                    "policy_loss",
+                    f"{obj.name} sorts over the batch and takes no pair weights (weight_column, noisy_mode)",
+                )
+
     def warnings(self) -> list[str]:
         """Valid but probably unintended settings (printed by ``train``)."""
         out = []
@@ -332,9 +366,11 @@ class TrainConfig:
     def reference_mode(self) -> str:
         if self.reference != "auto":
             return self.reference
-        if self.alpha == 0 or (
-            self.policy_loss in objectives.names() and objectives.get(self.policy_loss).reference_free
-        ):
+        try:
+            reference_free = any(o.reference_free for o, _ in objectives.combination(self.policy_loss))
+        except (TypeError, ValueError):
+            reference_free = False  # an invalid policy_loss is reported by problems()
+        if self.alpha == 0 or reference_free:
             return "none"
         return "lora" if self.lora_r > 0 else "precomputed"
 
@@ -373,7 +409,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "alpha",
         "reward_weight",
         "policy_loss",
+        "policy_loss_weights",
         "simpo_gamma",
+        "discopop_tau",
         "average_log_prob",
         "label_smoothing",
         "center_rewards_coefficient",
@@ -543,7 +581,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
                 if not isinstance(out, list):
                     raise ValueError
                 return out
-            return [v for v in value.split(",") if v]
+            out = [v for v in value.split(",") if v]
+            return [float(v) for v in out] if name == "policy_loss_weights" else out
         if typ is dict:
             out = json.loads(value) if value.strip() else {}
             if not isinstance(out, dict):

@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         cfg, model, train_ds, eval_ds, run_dir, resume if rebuilt else None, pad_id, info, autocast, amp_dtype
     )
     mode = reference.mode
-    averaged = cfg.average_log_prob or objectives.get(cfg.policy_loss).length_averaged
+    averaged = objectives.uses_means(cfg.policy_loss, cfg.average_log_prob)
     log(
         f"[haf-train] reference: {mode}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"trainable parameters; {max_steps} steps × {cfg.batch_size} pairs (accum {accum}, world {info.world_size})"
@@ -509,7 +509,9 @@ def loss_on_batch(
             alpha=cfg.alpha,
             reward_weight=cfg.reward_weight,
             policy_loss=cfg.policy_loss,
+            policy_loss_weights=cfg.policy_loss_weights or None,
             simpo_gamma=cfg.simpo_gamma,
+            discopop_tau=cfg.discopop_tau,
             average_log_prob=cfg.average_log_prob,
             reward_margin=margin,
             label_smoothing=cfg.label_smoothing,
