@@ -143,6 +143,8 @@ TRL_CASES = [
 @pytest.mark.parametrize("name,beta,eps", TRL_CASES)
 def test_objective_matches_trl(name, beta, eps):
     tok, mask, ref = random_pairs(6, 7, seed=TRL_LOSS_TYPES.index(name) * 4 + int(beta > 0.5) * 2 + int(eps > 0))
+    d = ((tok * mask).sum(1) - ref)[:6] - ((tok * mask).sum(1) - ref)[6:]
+    assert (d > 0).any() and (d < 0).any() and d.abs().max() > 20  # both signs, |βd| ≫ 1 at β = 1
     want = trl_dpo_loss([name], None, tok, mask, ref, beta=beta, eps=eps)
     got = ours(name, None, tok, mask, ref, beta=beta, eps=eps)
     assert torch.isfinite(want) and rel_err(got, want) <= LOSS_TOL, (name, float(got), float(want))
@@ -230,6 +232,17 @@ def test_fused_haf_loss_reference_matches_trl(names, weights):
         policy_loss_weights=weights, backend="reference",
     )  # fmt: skip
     assert rel_err(out.loss, want) <= LOSS_TOL and rel_err(out.policy_loss, want) <= LOSS_TOL
+
+
+def test_haf_loss_module_takes_a_weighted_list():
+    hidden, weight, labels, ref = make_batch(3, 5, 8, 23, seed=4)
+    kw = dict(alpha=1.0, label_smoothing=0.1, backend="reference")
+    module = hk.HafLoss(policy_loss=["robust", "sft"], policy_loss_weights=[1.0, 0.5], **kw)
+    got = module(hidden, weight, labels, None, ref)
+    robust = hk.fused_haf_loss(hidden, weight, labels, None, ref, policy_loss="robust", **kw)
+    sft = hk.fused_haf_loss(hidden, weight, labels, None, None, policy_loss="sft", **kw)
+    assert "policy_loss_weights=[1.0, 0.5]" in repr(module)
+    torch.testing.assert_close(got.loss, robust.loss + 0.5 * sft.loss, rtol=1e-12, atol=0)
 
 
 COMBOS = [[name] for name in TRL_LOSS_TYPES] + [
