@@ -154,14 +154,16 @@ def default_pair_terms(batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor
 
 def check_packing(cfg: TrainConfig, model: HafRewardModel) -> None:
     """``ConfigError`` naming ``pack`` when packed rows cannot reproduce unpacked ones for this model: a known
-    unsupported setting (``model.packing_problem``), else a failed probe (``HafRewardModel.check_packing``: random
-    sequences packed vs alone, on the model itself)."""
+    unsupported setting (``training.model.packing_problem``), else a failed probe (``HafRewardModel.check_packing``:
+    random sequences packed vs alone, on the model itself)."""
     problem = packing_problem(model.config, cfg.max_length)
     if problem is None:
         try:
             model.check_packing()
         except ValueError as exc:
             problem = str(exc)
+        except TypeError as exc:  # a body without position_ids / 4D masks
+            problem = f"the model body cannot run packed rows ({exc})"
     if problem is not None:
         raise ConfigError(f"pack: {problem}; train without --pack")
 
