@@ -35,6 +35,10 @@ Truncation keeps the prompt's leading special tokens (BOS, a chat template's lea
 (≤ ``max_prompt_length``) and the start of the response (total ≤ ``max_length``); a truncated response gets no
 EOS target. ``labels[t] = input_ids[t + 1]`` where ``t + 1`` is a response token (and ``EOS`` at the last
 position of an untruncated response), else ``ignore_index``.
+
+Packing (``collate_packed``, ``pack: true``): the same batch plus a ``PackedLayout``, the sequences several to a row
+with their own positions; the model body runs on those rows and gathers its hidden states back into the batch's
+``[2B, T]`` layout, so labels, rewards (last token of each sequence) and the loss are those of ``collate_pairs``.
 """
 
 from __future__ import annotations
