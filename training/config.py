@@ -95,6 +95,10 @@ class TrainConfig:
     batch_size: int = 32  # pairs per optimiser step, over all processes and accumulation steps
     micro_batch_size: int = 8  # pairs per forward, per process
     eval_batch_size: int = 32
+    # sequence packing: several sequences per row of the model body (per-sequence position_ids, no attention across
+    # sequences; sdpa / eager attention); the loss and rewards are those of the unpacked batch (training/data.py)
+    pack: bool = False
+    pack_length: int = 0  # tokens per packed row; 0: max_length (must be >= max_length: any sequence fits)
     # ---- optimisation
     lr: float = 1e-5
     head_lr: float = 0.0  # reward-head learning rate; 0: same as lr
@@ -277,6 +281,12 @@ class TrainConfig:
         num("batch_size", 1)
         num("micro_batch_size", 1)
         num("eval_batch_size", 1)
+        num("pack_length", 0)
+        if self.pack is True and not typ_bad & {"pack_length", "max_length"} and 0 < self.pack_length < self.max_length:
+            bad(
+                "pack_length",
+                f"must be 0 or >= max_length ({self.max_length}) so any sequence fits, got {self.pack_length}",
+            )
         if (
             not typ_bad & {"batch_size", "micro_batch_size"}
             and self.batch_size > 0
@@ -390,6 +400,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_eval_rows",
         "max_length",
         "max_prompt_length",
+        "pack",
+        "pack_length",
     ),
     "model": (
         "model",

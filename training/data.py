@@ -35,10 +35,15 @@ Truncation keeps the prompt's leading special tokens (BOS, a chat template's lea
 (≤ ``max_prompt_length``) and the start of the response (total ≤ ``max_length``); a truncated response gets no
 EOS target. ``labels[t] = input_ids[t + 1]`` where ``t + 1`` is a response token (and ``EOS`` at the last
 position of an untruncated response), else ``ignore_index``.
+
+Packing (``collate_packed``, ``pack: true``): the same batch plus a ``PackedLayout``, the sequences several to a row
+with their own positions; the model body runs on those rows and gathers its hidden states back into the batch's
+``[2B, T]`` layout, so labels, rewards (last token of each sequence) and the loss are those of ``collate_pairs``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -122,6 +127,7 @@ class PairBatch:
     columns: dict[str, torch.Tensor]
     subsets: list[str | None]
     source_rows: list[int] = field(default_factory=list)
+    packing: PackedLayout | None = None  # set by ``collate_packed``: the rows the model body runs on
 
     def __post_init__(self) -> None:
         if self.labels.device.type == "cpu":  # where batches are built (collate); no device sync
@@ -142,7 +148,128 @@ class PairBatch:
             {k: v.to(device) for k, v in self.columns.items()},
             self.subsets,
             self.source_rows,
+            None if self.packing is None else self.packing.to(device),
         )
+
+
+@dataclass
+class PackedLayout:
+    """Where the ``S = 2B`` sequences of a ``PairBatch`` sit when packed several to a row of ``R × L`` tokens.
+
+    ``input_ids [R, L]`` the packed tokens (``pad_token_id`` after the last sequence of a row); ``position_ids
+    [R, L]`` each sequence's own positions ``0..n-1`` (0 on padding); ``segment_ids [R, L]`` the sequence index
+    ``0..S-1`` of each token (``-1`` on padding): a token attends only to earlier tokens of its own segment.
+    ``row / start / length [S]`` each sequence's place; ``gather_index [S, T]`` the flat ``R·L`` index of
+    position ``t`` of sequence ``s`` in the unpacked ``[S, T]`` layout (its last token for ``t >= length``, where
+    the labels are ``ignore_index``); ``last_index [S]`` the flat index of each sequence's last token (the reward).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    row: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    gather_index: torch.Tensor
+    last_index: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens; a host value (call on the CPU layout)."""
+        return int(self.length.sum())
+
+    def padding_fraction(self) -> float:
+        """Share of the ``R × L`` packed positions that are padding."""
+        return 1.0 - self.n_tokens / max(1, self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> PackedLayout:
+        return PackedLayout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: rows of sequence indices whose lengths sum to at most ``capacity``.
+
+    Deterministic (ties keep index order); every index appears once. ``ValueError`` when a length exceeds
+    ``capacity`` or is not positive."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    bad = [(i, n) for i, n in enumerate(lengths) if n < 1 or n > capacity]
+    if bad:
+        i, n = bad[0]
+        raise ValueError(f"lengths[{i}] must be in [1, capacity={capacity}], got {n}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(
+    examples: list[PairExample],
+    pad_token_id: int,
+    pack_length: int,
+    ignore_index: int = -100,
+    pad_to_multiple_of: int = 1,
+) -> PairBatch:
+    """``collate_pairs`` plus a ``PackedLayout``: the ``2B`` sequences packed into rows of at most ``pack_length``
+    tokens (first-fit decreasing), rows right-padded to the longest (a multiple of ``pad_to_multiple_of``).
+
+    The unpacked ``input_ids / attention_mask / labels [2B, T]`` are kept: the labels are the loss's, the model
+    body runs on the packed rows and its hidden states are gathered back into ``[2B, T, D]``
+    (``HafRewardModel.forward(packing=...)``), so the loss and the reward positions are those of the unpacked batch.
+    """
+    batch = collate_pairs(examples, pad_token_id, ignore_index)
+    lengths = batch.attention_mask.sum(1).tolist()
+    rows = pack_rows(lengths, pack_length)
+    fill = max(sum(lengths[i] for i in r) for r in rows)
+    width = -(-fill // pad_to_multiple_of) * pad_to_multiple_of
+    s, t = batch.input_ids.shape
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    row_of, start_of = torch.zeros(s, dtype=torch.long), torch.zeros(s, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, at : at + n] = batch.input_ids[i, :n]
+            pos[r, at : at + n] = torch.arange(n)
+            seg[r, at : at + n] = i
+            row_of[i], start_of[i] = r, at
+            at += n
+    length = torch.tensor(lengths, dtype=torch.long)
+    first = row_of * width + start_of  # flat index of each sequence's first token
+    offs = torch.minimum(torch.arange(t).expand(s, t), (length - 1).unsqueeze(1))
+    gather = first.unsqueeze(1) + offs
+    batch.packing = PackedLayout(ids, pos, seg, row_of, start_of, length, gather, first + length - 1)
+    return batch
+
+
+def padding_fraction(batches: list[list[PairExample]], pack_length: int | None = None) -> float:
+    """Share of the token positions the model body runs on that are padding, over ``batches`` (lists of pairs).
+
+    ``pack_length None``: ``collate_pairs`` rows (each of the ``2B`` sequences padded to the batch's longest);
+    else ``collate_packed`` rows of at most ``pack_length`` tokens. Lengths only: no tensors are built."""
+    real = total = 0
+    for examples in batches:
+        lengths = [len(ex.prompt_ids) + len(ex.chosen_ids) for ex in examples]
+        lengths += [len(ex.prompt_ids) + len(ex.rejected_ids) for ex in examples]
+        if not lengths:
+            continue
+        real += sum(lengths)
+        if pack_length is None:
+            total += len(lengths) * max(lengths)
+        else:
+            rows = pack_rows(lengths, pack_length)
+            total += len(rows) * max(sum(lengths[i] for i in r) for r in rows)
+    return 1.0 - real / total if total else 0.0
 
 
 def check_shifted_labels(input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> None:

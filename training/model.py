@@ -12,10 +12,13 @@ import copy
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .data import PackedLayout
 
 
 @dataclass
@@ -49,6 +52,72 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     t = attention_mask.shape[1]
     pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
+
+
+# Attention implementations whose packed rows get an explicit 4D block-diagonal causal mask. transformers 5 returns a
+# 4D mask as is (``masking_utils._preprocess_mask_arguments``) and sdpa / eager apply it; its own packed-sequence
+# detection from ``position_ids`` is not used (it needs ``attention_mask=None``, and flash attention applies it
+# only to batches of one row: several packed rows would attend across sequences).
+PACKED_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(config: Any) -> str:
+    """The attention implementation a transformers config runs with (``config._attn_implementation``)."""
+    cfg = getattr(config, "text_config", None) or config
+    return str(getattr(cfg, "_attn_implementation", None) or "eager")
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """``[R, 1, L, L]`` causal mask confined to each packed sequence: query ``q`` sees key ``k <= q`` of its own
+    segment (``segment_ids [R, L]``, ``-1`` on padding; a padding token sees only itself, so no row is empty).
+
+    ``impl "sdpa"``: bool, True where attended; ``"eager"``: additive, 0 there and ``finfo(dtype).min`` elsewhere.
+    """
+    seg = segment_ids
+    n = seg.shape[1]
+    pos = torch.arange(n, device=seg.device)
+    causal = pos.view(1, n, 1) >= pos.view(1, 1, n)
+    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg >= 0).unsqueeze(2)
+    allowed = (causal & same) | torch.eye(n, dtype=torch.bool, device=seg.device)
+    allowed = allowed.unsqueeze(1)
+    if impl == "sdpa":
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=seg.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seg.device))
+
+
+def packing_problem(config: Any, max_length: int) -> str | None:
+    """Why packed rows of sequences of up to ``max_length`` tokens would not reproduce unpacked results for a model
+    of ``config`` (``None``: no known reason; ``HafRewardModel.check_packing`` then tests it on the model itself).
+
+    Refused: attention implementations other than ``PACKED_ATTENTION`` (flash / flex attention: not verified
+    here) and sliding-window attention whose window is shorter than ``max_length`` (the packed mask has no window;
+    with ``sliding_window >= max_length`` the window never cuts inside a sequence, so the results are the same).
+    """
+    cfg = getattr(config, "text_config", None) or config
+    impl = attention_implementation(cfg)
+    if impl not in PACKED_ATTENTION:
+        return (
+            f"attention implementation {impl!r} is not supported with packing (supported: "
+            f"{', '.join(PACKED_ATTENTION)}: they get an explicit block-diagonal mask)"
+        )
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    uses_window = getattr(cfg, "use_sliding_window", True) is not False and (
+        not layer_types or any("sliding" in str(x) for x in layer_types)
+    )
+    if window and uses_window and int(window) < max_length:
+        return (
+            f"the model uses sliding-window attention (sliding_window={window}) shorter than max_length "
+            f"({max_length}); the packed mask has no window"
+        )
+    return None
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 class HafRewardModel(nn.Module):
@@ -124,19 +193,94 @@ class HafRewardModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         compute: Callable[[RewardModelOutput, HafRewardModel], Any] | None = None,
+        packing: PackedLayout | None = None,
     ) -> RewardModelOutput | Any:
         """Hidden states, rewards and reward features of ``input_ids [S, T]``.
 
         ``compute(out, self)``, when given, runs inside ``forward`` and its result is returned instead:
         under DDP/FSDP the loss must be computed there, where the LM-head parameters are gathered.
+        ``packing`` (``data.collate_packed``): the body runs on the packed rows instead (per-sequence positions,
+        a block-diagonal causal mask), and the hidden states are gathered back into the ``[S, T, D]`` layout of
+        ``input_ids``; rewards are read at each sequence's last token. ``packing_problem`` says where it is
+        unsupported.
         """
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        idx = last_token_index(attention_mask)
-        features = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        if packing is not None:
+            hidden, features = self._packed_hidden(input_ids, packing)
+        else:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            idx = last_token_index(attention_mask)
+            features = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         rewards = self.reward_head(features.to(self.reward_head.weight.dtype)).squeeze(-1)
         result = RewardModelOutput(hidden=hidden, rewards=rewards, features=features)
         return compute(result, self) if compute is not None else result
+
+    def _packed_hidden(self, input_ids: torch.Tensor, packing: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [S, T, D], features [S, D])`` from one body forward over the packed rows."""
+        s, t = input_ids.shape
+        if tuple(packing.gather_index.shape) != (s, t):
+            raise ValueError(
+                f"packing.gather_index must have the shape of input_ids {[s, t]}, "
+                f"got {list(packing.gather_index.shape)}"
+            )
+        impl = attention_implementation(self.config)
+        if impl not in PACKED_ATTENTION:
+            raise ValueError(
+                f"packing: attention implementation {impl!r} is not supported "
+                f"(supported: {', '.join(PACKED_ATTENTION)})"
+            )
+        emb = self.decoder.get_input_embeddings().weight
+        mask = packed_attention_mask(packing.segment_ids, impl, emb.dtype)
+        out = self.decoder(
+            input_ids=packing.input_ids, attention_mask=mask, position_ids=packing.position_ids, use_cache=False
+        )
+        packed = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        flat = packed.reshape(-1, packed.shape[-1])
+        hidden = flat.index_select(0, packing.gather_index.reshape(-1)).view(s, t, flat.shape[-1])
+        return hidden, flat.index_select(0, packing.last_index)
+
+    @torch.no_grad()
+    def check_packing(self, lengths: tuple[int, ...] = (7, 5, 3), seed: int = 0) -> float:
+        """Run a few random sequences packed into one padded row and each alone; return the relative difference of
+        their hidden states, or raise ``ValueError`` when it shows cross-sequence attention or positions that are
+        not per sequence (relative difference above 1e-4 in fp32, 3e-2 in lower precision).
+
+        Runs in eval mode (no dropout) in the parameters' dtype, without autocast; restores the training mode.
+        """
+        from .data import PairExample, collate_packed
+
+        vocab = self.lm_head_weight.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+        seqs += [seqs[0]] * (len(seqs) % 2)  # whole pairs: chosen rows, then rejected rows
+        half = len(seqs) // 2
+        examples = [PairExample([], seqs[i], seqs[half + i], i) for i in range(half)]
+        batch = collate_packed(examples, 0, pack_length=sum(map(len, seqs)), pad_to_multiple_of=16)
+        device = self.lm_head_weight.device
+        batch = batch.to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.autocast(device.type, enabled=False):
+                packed = self(batch.input_ids, batch.attention_mask, packing=batch.packing)
+                worst = 0.0
+                solo_rewards = []
+                for i, ids in enumerate(seqs):
+                    x = torch.tensor([ids], device=device)
+                    solo = self(x, torch.ones_like(x))
+                    worst = max(worst, _rel(packed.hidden[i, : len(ids)], solo.hidden[0]))
+                    solo_rewards.append(solo.rewards[0])
+                worst = max(worst, _rel(packed.rewards, torch.stack(solo_rewards)))
+        finally:
+            self.train(was_training)
+        tol = 1e-4 if self.lm_head_weight.dtype in (torch.float32, torch.float64) else 3e-2
+        if not worst <= tol:  # also catches NaN
+            raise ValueError(
+                f"packed sequences do not reproduce unpacked ones (relative difference {worst:.3g} > {tol:g}, "
+                f"attention {attention_implementation(self.config)!r}): the model attends across packed sequences or "
+                "does not use per-sequence position_ids"
+            )
+        return worst
 
     @contextmanager
     def adapter_disabled(self):

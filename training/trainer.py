@@ -38,11 +38,19 @@ from haf_kernels import fused_haf_loss, objectives
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, TrainConfig
-from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences, load_tokenizer
+from .data import (
+    PairBatch,
+    PreferenceDataset,
+    collate_packed,
+    collate_pairs,
+    load_preferences,
+    load_tokenizer,
+    padding_fraction,
+)
 from .evaluate import evaluate
 from .hooks import StepState, TrainHooks
 from .methods.integration import method_hooks, prepare_method_data
-from .model import HafRewardModel, RewardModelOutput, apply_lora, build_causal_lm, frozen_copy
+from .model import HafRewardModel, RewardModelOutput, apply_lora, build_causal_lm, frozen_copy, packing_problem
 from .reference import ReferenceLogps, for_loss
 from .tracking import MetricsLogger, format_metrics, plot_curves
 
@@ -71,6 +79,8 @@ SAFE_ON_RESUME = frozenset(
         "nonfinite",
         "nonfinite_max_skips",
         "check_finite_steps",
+        "pack",  # packing changes the layout of a forward, not its results (same loss up to rounding)
+        "pack_length",
     }
 )
 
@@ -142,6 +152,41 @@ def default_pair_terms(batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor
     return margin, weights
 
 
+def check_packing(cfg: TrainConfig, model: HafRewardModel) -> None:
+    """``ConfigError`` naming ``pack`` when packed rows cannot reproduce unpacked ones for this model: a known
+    unsupported setting (``training.model.packing_problem``), else a failed probe (``HafRewardModel.check_packing``:
+    random sequences packed vs alone, on the model itself)."""
+    problem = packing_problem(model.config, cfg.max_length)
+    if problem is None:
+        try:
+            model.check_packing()
+        except ValueError as exc:
+            problem = str(exc)
+        except TypeError as exc:  # a body without position_ids / 4D masks
+            problem = f"the model body cannot run packed rows ({exc})"
+    if problem is not None:
+        raise ConfigError(f"pack: {problem}; train without --pack")
+
+
+def padding_report(cfg: TrainConfig, train_ds: PreferenceDataset, max_steps: int, pack_length: int) -> str:
+    """One line: the share of padding among the token positions the model body runs on, unpacked and packed, over
+    the micro-batches of the first epoch's steps (at most 1000 steps; all ranks' micro-batches)."""
+    steps = min(max_steps, max(1, len(train_ds) // cfg.batch_size), 1000)
+    batches = []
+    for step in range(steps):
+        idx = step_indices(step, len(train_ds), cfg, cfg.seed)
+        batches += [
+            [train_ds[i] for i in idx[lo : lo + cfg.micro_batch_size]]
+            for lo in range(0, len(idx), cfg.micro_batch_size)
+        ]
+    unpacked, packed = padding_fraction(batches), padding_fraction(batches, pack_length)
+    state = "on" if cfg.pack else "off"
+    return (
+        f"padding: {unpacked:.1%} of the body's token positions unpacked, {packed:.1%} packed into rows of <= "
+        f"{pack_length} tokens (pack: {state}; micro-batches of {cfg.micro_batch_size} pairs, first {steps} steps)"
+    )
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
 
@@ -209,11 +254,15 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     accum = cfg.batch_size // per_step
     steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    pack_length = cfg.pack_length or cfg.max_length
+    log(f"[haf-train] {padding_report(cfg, train_ds, max_steps, pack_length)}")
 
     # ---- model and reference (the reference sees the initial weights, also when resuming)
     ckpt_weights = ckpt.load_model_state(run_dir, resume) if resume is not None else None
     model = build_run_model(cfg, tokenizer, run_dir, ckpt_weights, rebuild=rebuilt)
     model = model.to(device)
+    if cfg.pack:
+        check_packing(cfg, model)
     if info.is_main and not rebuilt:
         try:
             save_base(model, tokenizer, base_dir)
@@ -319,7 +368,8 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
         micro_losses = torch.zeros(accum, device=device)
         for micro in range(accum):
             lo = (micro * info.world_size + info.rank) * cfg.micro_batch_size
-            batch = collate_pairs([train_ds[i] for i in idx[lo : lo + cfg.micro_batch_size]], pad_id)
+            examples = [train_ds[i] for i in idx[lo : lo + cfg.micro_batch_size]]
+            batch = collate_packed(examples, pad_id, pack_length) if cfg.pack else collate_pairs(examples, pad_id)
             window.tokens += int(batch.attention_mask.sum())  # on the CPU batch: no device sync
             batch = batch.to(device)
             with autocast():
@@ -334,10 +384,15 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
                 autocast(),
             ):
                 if fast is None:
-                    loss, res, aux = wrapped(batch.input_ids, batch.attention_mask, compute=compute)
+                    loss, res, aux = wrapped(
+                        batch.input_ids, batch.attention_mask, compute=compute, packing=batch.packing
+                    )
                 else:  # look-ahead parameters (MetaRM): the same forward, functionally
                     loss, res, aux = torch.func.functional_call(
-                        model, fast, (batch.input_ids, batch.attention_mask), {"compute": compute}
+                        model,
+                        fast,
+                        (batch.input_ids, batch.attention_mask),
+                        {"compute": compute, "packing": batch.packing},
                     )
             (loss / accum).backward()
             micro_losses[micro] = loss.detach().float()
