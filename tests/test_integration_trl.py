@@ -27,6 +27,15 @@ from haf_kernels.integrations.trl import HafConfig, HafTrainer  # noqa: E402
 MAX_LENGTH, MAX_PROMPT = 48, 24
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Models this tiny gain nothing from threads, and on a loaded 2-core machine OpenMP waits cost 5x here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(tok, seed: int = 0):
     import transformers
 
@@ -255,3 +264,19 @@ def test_trainer_errors(tmp_path):
     args = HafConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="row 0: chosen == rejected"):
         HafTrainer(tiny_llama(tok), args=args, train_dataset=bad, processing_class=tok)
+
+
+def test_plain_dpo_config_and_trl_collator(tmp_path):
+    """A ``DPOConfig`` is taken with the HaF defaults; TRL's own collator (no labels) is refused by name."""
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tok = llama_style_tokenizer()
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, beta=0.3, max_length=MAX_LENGTH)
+    trainer = HafTrainer(
+        tiny_llama(tok), args=args, train_dataset=Dataset.from_list(rows_of("explicit", 2)), processing_class=tok
+    )
+    assert isinstance(trainer.args, HafConfig) and trainer.args.beta == 0.3 and trainer.args.alpha == 0.2
+    trl_batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([trainer.train_dataset[0]])
+    with pytest.raises(ValueError, match="HafPreferenceCollator"):
+        trainer.compute_loss(trainer.model, trl_batch)

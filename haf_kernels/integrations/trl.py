@@ -626,6 +626,11 @@ class HafTrainer(DPOTrainer):
     def haf_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         """``(HafLossOutput, rewards [2B])`` of one batch: the model's forward + ``fused_haf_loss``."""
         args: HafConfig = self.args
+        if "labels" not in inputs:
+            raise ValueError(
+                f"HafTrainer: the batch has no 'labels' (keys {sorted(inputs)}); use HafPreferenceCollator "
+                "(the default data_collator), which adds the next-token and EOS targets"
+            )
         labels, mask = inputs["labels"], inputs["attention_mask"]
         ref = self._reference_logps(inputs)
 
