@@ -259,6 +259,8 @@ def test_config_errors(tmp_path, kw, match):
 def test_trainer_errors(tmp_path):
     with pytest.raises(ValueError, match="reference_mode='lora' needs a PEFT model"):
         make_trainer(tmp_path, reference_mode="lora")
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True, but the loss is reference-free"):
+        make_trainer(tmp_path, policy_loss="simpo", precompute_ref_log_probs=True)
     tok = llama_style_tokenizer()
     bad = Dataset.from_list([{"prompt": "Hi", "chosen": "same", "rejected": "same"}])
     args = HafConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)

@@ -482,6 +482,13 @@ class HafTrainer(DPOTrainer):
                 "HafTrainer: ref_model was given, but the loss is reference-free (reference_mode='none', "
                 "policy_loss='simpo' or alpha=0)"
             )
+        if mode == "none" and args.precompute_ref_log_probs:
+            raise ValueError(
+                "HafTrainer: precompute_ref_log_probs=True, but the loss is reference-free (reference_mode='none', "
+                "policy_loss='simpo' or alpha=0)"
+            )
+        if mode == "lora" and ref_model is not None:
+            raise ValueError("HafTrainer: reference_mode='lora' (adapter disabled) and a ref_model; pass one of them")
         if mode == "lora" and not peft:
             raise ValueError("HafTrainer: reference_mode='lora' needs a PEFT model or peft_config (adapter disabled)")
         if mode == "copy" and peft:
@@ -669,26 +676,28 @@ class HafTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         res, rewards = self.haf_loss(model, inputs)
         b = rewards.shape[0] // 2
-        gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
-
-        def add(name: str, value: torch.Tensor | None) -> None:
-            if value is not None:
-                metrics[name].append(gather(value.detach().float().reshape(-1)).mean().item())
-
         r = rewards.detach()
-        add("loss/reward", res.reward_loss)
-        add("loss/policy", res.policy_loss)
-        add("rewards/chosen", r[:b])
-        add("rewards/rejected", r[b:])
-        add("rewards/accuracies", (r[:b] > r[b:]).float())
-        add("rewards/margins", r[:b] - r[b:])
-        add("implicit/accuracies", (res.implicit_margin.detach() > 0).float())
-        add("implicit/margins", res.implicit_margin)
-        add("logps/chosen", res.chosen_logps)
-        add("logps/rejected", res.rejected_logps)
+        terms = {
+            "loss/reward": res.reward_loss,
+            "loss/policy": res.policy_loss,
+            "rewards/chosen": r[:b],
+            "rewards/rejected": r[b:],
+            "rewards/accuracies": (r[:b] > r[b:]).float(),
+            "rewards/margins": r[:b] - r[b:],
+            "implicit/accuracies": (res.implicit_margin.detach() > 0).float(),
+            "implicit/margins": res.implicit_margin,
+            "logps/chosen": res.chosen_logps,
+            "logps/rejected": res.rejected_logps,
+        }
+        terms = {k: v.detach().float().mean() for k, v in terms.items() if v is not None}
+        means = torch.stack([*terms.values(), inputs["attention_mask"].sum().float()])
+        gathered = self.accelerator.gather(means).reshape(-1, means.numel())  # [processes, terms]
+        values = gathered.mean(0).tolist()  # one host sync per step for all the metrics
+        metrics = self._metrics[mode]
+        for name, value in zip(terms, values):
+            metrics[name].append(value)
         if mode == "train":
-            self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum().item()) // self._tp_size
+            self._total_train_tokens += int(gathered[:, -1].sum().item()) // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         if return_outputs:
             return res.loss, {"rewards_chosen": r[:b], "rewards_rejected": r[b:]}
