@@ -220,6 +220,15 @@ def test_lora_reference_is_the_adapter_disabled_and_export_merges(tmp_path):
     head = trainer.model.get_base_model().score.weight
     assert not torch.equal(head, head0)
 
+    saved = tmp_path / "adapter"
+    trainer.save_model(str(saved))  # TRL's adapter files, plus the reward head they do not hold
+    assert (saved / "adapter_model.safetensors").exists()
+    head_copy = head.detach().clone()
+    with torch.no_grad():
+        head.zero_()
+    trainer._load_from_checkpoint(str(saved))  # what resume_from_checkpoint runs
+    assert torch.equal(head, head_copy)
+
     out = trainer.export_reward_model(str(tmp_path / "export"))
     rm = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     rewards = trainer.reward(batch["input_ids"], batch["attention_mask"])

@@ -767,6 +767,17 @@ class HafTrainer(DPOTrainer):
                 {f"{REWARD_HEAD}.weight": head.weight.detach().cpu().contiguous()}, str(out / "reward_head.safetensors")
             )
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """``Trainer``'s resume, plus the reward head of a PEFT checkpoint (kept beside the adapter)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / "reward_head.safetensors"
+        if path.exists():
+            from safetensors.torch import load_file
+
+            head = getattr(self._lm(model if model is not None else self.model), REWARD_HEAD)
+            with torch.no_grad():
+                head.weight.copy_(load_file(str(path))[f"{REWARD_HEAD}.weight"].to(head.weight))
+
     def export_reward_model(self, output_dir: str) -> Path:
         """Write ``output_dir`` that ``AutoModelForSequenceClassification`` (reward = ``score``) and
         ``AutoModelForCausalLM`` (the policy) both load: the full model (a LoRA adapter merged into a copy),
