@@ -1,0 +1,804 @@
+"""HaF reward models inside TRL's training loop: ``HafConfig`` (a ``trl.DPOConfig``) and ``HafTrainer``.
+
+``HafTrainer`` is a ``trl.DPOTrainer`` whose loss is ``haf_kernels.fused_haf_loss``: the policy's final hidden
+states and LM-head weight go to the fused kernels (no ``[tokens × vocab]`` logits), and a bias-free reward head
+``Linear(D, 1)`` named ``score`` (the name ``AutoModelForSequenceClassification`` uses) reads the last token's
+hidden state. Everything else is TRL's: datasets, ``Trainer`` arguments, PEFT, precomputed reference log-probs,
+logging, checkpoints, ``save_model``.
+
+Data: TRL's preference formats — explicit prompt (``prompt``/``chosen``/``rejected`` strings), implicit prompt
+(``chosen``/``rejected`` full transcripts), conversational (lists of ``{role, content}`` messages, with or
+without ``prompt``). They are tokenised under haf_kernels' reward contract (the one ``training`` uses, so the
+numbers agree with ``haf-train``): the reward of ``(prompt, response)`` is read at the last token of
+``tokenizer(prompt + response)`` with the tokenizer's default special tokens (one space joins plain texts that meet
+without whitespace; conversational rows are the chat template's rendering, its own BOS not doubled). Unlike
+``DPOTrainer``, EOS is never appended to the text: it is a policy target after the last token only.
+Truncation: the prompt from the left to ``max_prompt_length`` (keeping its leading special tokens), then the
+response from the right to ``max_length``; a truncated response gets no EOS target.
+
+Reference (``reference_mode``): ``"auto"`` is ``DPOTrainer``'s choice — the given ``ref_model``; for a PEFT model
+the adapter disabled (or TRL's ``"ref"`` adapter); else a frozen copy of the initial model (``"copy"``, made in
+memory, not reloaded from disk). ``"none"`` is reference-free (also implied by ``policy_loss="simpo"``).
+``precompute_ref_log_probs=True`` computes them once before training, as in TRL.
+
+The saved folder (``trainer.save_model(dir)`` for full fine-tuning, ``trainer.export_reward_model(dir)`` for any
+model, LoRA merged) loads with ``AutoModelForSequenceClassification`` (``score`` = the reward head) and, the
+same folder, with ``AutoModelForCausalLM`` (the policy); ``haf_reward.json`` beside it records the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_INSTALL_HINT = "pip install haf_kernels[trl]"
+try:
+    import trl
+    from packaging.version import Version
+    from trl import DPOConfig, DPOTrainer
+except ImportError as exc:  # one line: what is missing and how to get it
+    raise ImportError(
+        f"haf_kernels.integrations.trl needs TRL >= 1.16 ({exc}); install it with `{_INSTALL_HINT}`"
+    ) from exc
+if Version(getattr(trl, "__version__", "0")) < Version("1.16"):
+    raise ImportError(f"haf_kernels.integrations.trl needs TRL >= 1.16, found {trl.__version__}; `{_INSTALL_HINT}`")
+
+from .. import fused_haf_loss, objectives, sequence_logprobs  # noqa: E402
+
+__all__ = ["HafConfig", "HafTrainer", "HafPreferenceCollator", "tokenize_preference_row", "attach_reward_head"]
+
+IGNORE_INDEX = -100
+REWARD_HEAD = "score"  # the attribute *ForSequenceClassification models give their head
+HH_ASSISTANT = "\n\nAssistant:"
+CONTRACT_VERSION = 1  # haf_kernels' reward contract, as training.data.CONTRACT_VERSION
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class HafConfig(DPOConfig):
+    """``trl.DPOConfig`` plus the HaF loss: ``loss = reward_weight · BT(r_c − r_r) + alpha · policy(β·d)``.
+
+    ``beta``, ``label_smoothing`` (ε of the BT and sigmoid/simpo terms), ``max_length``, ``precompute_ref_log_probs``
+    and every ``TrainingArguments`` field keep their ``DPOConfig`` meaning; ``center_rewards_coefficient`` is
+    ``RewardConfig``'s. ``loss_type`` / ``loss_weights`` / ``ld_alpha`` / ``f_divergence_type`` / ``use_weighting``
+    belong to TRL's own loss and are refused when changed (use ``policy_loss``).
+    """
+
+    alpha: float = field(default=0.2, metadata={"help": "Weight of the policy (DPO-family) term; 0 is the BT RM."})
+    reward_weight: float = field(default=1.0, metadata={"help": "Weight of the Bradley-Terry term; 0 is DPO-as-RM."})
+    policy_loss: str = field(
+        default="sigmoid", metadata={"help": "Policy objective of haf_kernels.objectives: sigmoid, hinge, ipo, ..."}
+    )
+    simpo_gamma: float = field(default=0.0, metadata={"help": "SimPO target margin (policy_loss='simpo')."})
+    average_log_prob: bool = field(default=False, metadata={"help": "Per-token mean log-probs instead of sums."})
+    reference_mode: str = field(
+        default="auto", metadata={"help": "auto (as DPOTrainer), copy (frozen copy), lora (adapter off), none."}
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata={"help": "RewardConfig's reward centering, c * mean((r_c + r_r)^2)."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompt tokens kept (from the left); None: 3/4 of max_length."}
+    )
+    haf_backend: str = field(default="auto", metadata={"help": "haf_kernels backend: auto, triton, cpp, torch."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_haf()
+
+    def validate_haf(self) -> None:
+        """``ValueError`` naming the first field of a combination the HaF loss cannot honour."""
+
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"HafConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        for name in ("alpha", "reward_weight", "beta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(name, "a finite number >= 0")
+        if self.alpha == 0 and self.reward_weight == 0:
+            raise ValueError("HafConfig: alpha and reward_weight are both 0, so the loss has no term")
+        if self.policy_loss not in objectives.names():
+            raise bad("policy_loss", f"one of {list(objectives.names())}")
+        if self.reference_mode not in ("auto", "copy", "lora", "none"):
+            raise bad("reference_mode", "'auto', 'copy', 'lora' or 'none'")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise bad("label_smoothing", "a number in [0, 0.5)")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise bad("center_rewards_coefficient", "None or a number >= 0")
+        if list(self.loss_type) != ["sigmoid"] or self.loss_weights is not None:
+            raise ValueError(
+                f"HafConfig.loss_type/loss_weights: TRL's own losses are not used by HafTrainer; set "
+                f"policy_loss (one of {list(objectives.names())}) instead, got loss_type={list(self.loss_type)}"
+            )
+        for name, default in (("ld_alpha", None), ("f_divergence_type", "reverse_kl"), ("use_weighting", False)):
+            if getattr(self, name) != default:
+                raise bad(name, f"{default!r} (TRL-loss option not supported by HafTrainer)")
+        if self.truncation_mode != "keep_start":
+            raise bad(
+                "truncation_mode", "'keep_start' (the reward contract keeps the prompt's end and the response's start)"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise bad("max_length", "None or an int >= 2")
+        if self.max_prompt_length is not None and (
+            self.max_length is None or not 0 < self.max_prompt_length < self.max_length
+        ):
+            raise bad("max_prompt_length", f"None or 0 < max_prompt_length < max_length ({self.max_length})")
+        if self.reference_mode == "none" and self.precompute_ref_log_probs:
+            raise ValueError("HafConfig: precompute_ref_log_probs=True needs a reference, but reference_mode='none'")
+        if objectives.get(self.policy_loss).reference_free and self.reference_mode in ("copy", "lora"):
+            raise ValueError(
+                f"HafConfig.reference_mode: policy_loss={self.policy_loss!r} is reference-free, so reference_mode "
+                f"must be 'auto' or 'none', got {self.reference_mode!r}"
+            )
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """Prompt tokens kept: ``max_prompt_length``, else 3/4 of ``max_length`` (``None``: no truncation)."""
+        if self.max_length is None:
+            return None
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length * 3 // 4)
+
+    @property
+    def length_averaged(self) -> bool:
+        return self.average_log_prob or objectives.get(self.policy_loss).length_averaged
+
+
+# ---------------------------------------------------------------------------------------------- reward contract
+# The same rules as training/data.py (the one definition of the contract there; haf_kernels may not import training,
+# and tests/test_integration_trl.py checks that both give the same ids and labels).
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Prompt and responses of two transcripts: the prompt ends after the last shared ``\\n\\nAssistant:``, else at
+    the last whitespace of the shared prefix."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    common = chosen[:n]
+    cut = common.rfind(HH_ASSISTANT)
+    if cut >= 0:
+        cut += len(HH_ASSISTANT)
+    else:
+        ws = max(common.rfind(" "), common.rfind("\n"))
+        cut = ws if ws >= 0 and n < min(len(chosen), len(rejected)) else n
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _render_messages(tokenizer: Any, prompt: Any, chosen: list, rejected: list) -> tuple[str, str, str]:
+    """Conversational rows rendered with the chat template; without ``prompt`` it is the shared message prefix."""
+    if prompt is None:
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not prompt:
+        raise ValueError("the conversation has no prompt messages")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational rows need a tokenizer with a chat template")
+    p_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = []
+    for key, resp in (("chosen", chosen), ("rejected", rejected)):
+        if not resp:
+            raise ValueError(f"empty response ({key} has no messages after the prompt)")
+        full = tokenizer.apply_chat_template(list(prompt) + list(resp), tokenize=False)
+        if full.startswith(p_text):
+            out.append(full[len(p_text) :])
+            continue
+        p0 = tokenizer.apply_chat_template(prompt, tokenize=False)
+        if not full.startswith(p0):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        out.append(full[len(p0) :])
+    return p_text, out[0], out[1]
+
+
+def _reward_text(prompt: str, response: str, conversational: bool) -> str:
+    if conversational or not prompt or not response or prompt[-1].isspace() or response[0].isspace():
+        return prompt + response
+    return prompt + " " + response
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    ids = list(tokenizer(text)["input_ids"])
+    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos is not None and bos_text and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(bos_text):
+        ids = ids[1:]
+    return ids
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def _truncate(prompt: list[int], response: list[int], max_length: int, max_prompt: int, keep: int):
+    if len(prompt) > max_prompt:
+        keep = max(0, min(keep, max_prompt, max(1, max_prompt // 2)))
+        tail = max_prompt - keep
+        prompt = prompt[:keep] + (prompt[len(prompt) - tail :] if tail > 0 else [])
+    return prompt, response[: max(0, max_length - len(prompt))]
+
+
+def tokenize_preference_row(
+    row: Mapping[str, Any], tokenizer: Any, *, max_length: int | None = None, max_prompt_length: int | None = None
+) -> dict[str, Any]:
+    """One TRL preference row → ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and the EOS targets
+    ``chosen_end`` / ``rejected_end`` (the EOS id, or -100: none or truncated), under the reward contract.
+
+    ``prompt_ids + chosen_ids`` are the ids of ``tokenizer(prompt + chosen)`` (truncated as the module docstring
+    says); the reward is read at their last token. ``ValueError`` names what is wrong with an unusable row.
+    """
+    if not isinstance(row, Mapping) or row.get("chosen") is None or row.get("rejected") is None:
+        raise ValueError("a preference row needs 'chosen' and 'rejected'")
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    chat = _is_messages(chosen) and _is_messages(rejected)
+    if chat:
+        prompt, chosen, rejected = _render_messages(tokenizer, prompt, chosen, rejected)
+    else:
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise ValueError("'chosen' and 'rejected' must both be strings or both lists of {role, content} messages")
+        if prompt is None:
+            if chosen == rejected:
+                raise ValueError("chosen == rejected")
+            prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
+        elif not isinstance(prompt, str):
+            raise ValueError(f"'prompt' must be a string with string responses, got {type(prompt).__name__}")
+    for key, val in (("chosen", chosen), ("rejected", rejected)):
+        if not val.strip():
+            raise ValueError(f"empty response ({key!r} is blank after splitting off the prompt)")
+    if chosen == rejected:
+        raise ValueError("chosen == rejected")
+    p = _encode(tokenizer, prompt)
+    full = [_encode(tokenizer, _reward_text(prompt, x, chat)) for x in (chosen, rejected)]
+    k = 0
+    while k < min(len(p), *(len(f) for f in full)) and full[0][k] == p[k] == full[1][k]:
+        k += 1
+    if any(len(f) <= k for f in full):
+        raise ValueError("empty response after tokenisation")
+    p, c_full, r_full = full[0][:k], full[0][k:], full[1][k:]
+    c, r = c_full, r_full
+    if max_length is not None:
+        limit = max_prompt_length if max_prompt_length is not None else max(1, max_length * 3 // 4)
+        keep = 0
+        specials = _special_ids(tokenizer)
+        while keep < len(p) and p[keep] in specials:
+            keep += 1
+        pc, c = _truncate(p, c_full, max_length, limit, keep)
+        _, r = _truncate(p, r_full, max_length, limit, keep)
+        p = pc
+    if c == r:
+        raise ValueError("chosen == rejected after tokenisation/truncation")
+    if not c or not r:
+        raise ValueError(f"a response is empty after truncation to max_length={max_length}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ends = [
+        eos if eos is not None and len(kept) == len(whole) and whole[-1] != eos else IGNORE_INDEX
+        for kept, whole in ((c, c_full), (r, r_full))
+    ]
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "chosen_end": ends[0], "rejected_end": ends[1]}
+
+
+@dataclass
+class HafPreferenceCollator:
+    """Right-padded ``[2B, T]`` batches (rows ``0..B-1`` chosen) of ``tokenize_preference_row`` outputs.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels`` (next-token targets of the response: ``labels[t] =
+    input_ids[t + 1]``, the EOS target at the last position, -100 elsewhere), plus ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` [B] when the rows carry them (precomputed). ``tokenizer`` gives the pad id at call time.
+    """
+
+    tokenizer: Any
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples] + [
+            e["prompt_ids"] + e["rejected_ids"] for e in examples
+        ]
+        n_prompt = [len(e["prompt_ids"]) for e in examples] * 2
+        ends = [e.get("chosen_end", IGNORE_INDEX) for e in examples] + [
+            e.get("rejected_end", IGNORE_INDEX) for e in examples
+        ]
+        t = max(len(s) for s in seqs)
+        if self.pad_to_multiple_of:
+            t = -(-t // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        labels = torch.full((len(seqs), t), IGNORE_INDEX, dtype=torch.long)
+        for i, (s, n_p, end) in enumerate(zip(seqs, n_prompt, ends)):
+            n = len(s)
+            ids[i, :n] = torch.tensor(s, dtype=torch.long)
+            mask[i, :n] = 1
+            start = max(n_p - 1, 0)  # hidden at t predicts token t + 1: the first target is the first response token
+            if n - 1 > start:
+                labels[i, start : n - 1] = ids[i, start + 1 : n]
+            if end is not None and end != IGNORE_INDEX and n > n_p:
+                labels[i, n - 1] = int(end)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                out[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- model plumbing
+def attach_reward_head(model: nn.Module, weight: torch.Tensor | None = None, seed: int = 0) -> nn.Linear:
+    """The reward head ``score = Linear(D, 1, bias=False)`` of a transformers causal LM (added if missing).
+
+    A new head is ``N(0, 1/D)`` from ``seed`` (or ``weight [1, D]``), on the LM head's device and dtype; the config
+    gets ``num_labels = 1`` so the saved folder loads with ``AutoModelForSequenceClassification``.
+    """
+    w = model.get_output_embeddings()
+    w = getattr(w, "base_layer", w).weight
+    dim = w.shape[1]
+    head = getattr(model, REWARD_HEAD, None)
+    if head is not None:
+        if not isinstance(head, nn.Linear) or tuple(head.weight.shape) != (1, dim) or head.bias is not None:
+            raise ValueError(
+                f"model.{REWARD_HEAD} must be a bias-free Linear({dim}, 1) reward head, got {head!r}; remove it or "
+                "pass a model without one"
+            )
+    else:
+        head = nn.Linear(dim, 1, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            if weight is None:
+                gen = torch.Generator(device="cpu").manual_seed(seed)
+                head.weight.copy_(torch.randn(1, dim, generator=gen, dtype=torch.float32) / dim**0.5)
+            else:
+                if tuple(weight.shape) != (1, dim):
+                    raise ValueError(f"weight must be [1, {dim}], got {list(weight.shape)}")
+                head.weight.copy_(weight)
+        setattr(model, REWARD_HEAD, head)
+    head.weight.requires_grad_(True)
+    model.config.num_labels = 1
+    return head
+
+
+def _head_transform(config: Any) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of the LM head (Cohere ``logit_scale``, Granite ``logits_scaling``, Gemma softcap),
+    as ``training.model.head_transform``."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, None if softcap is None else float(softcap)
+
+
+def _install_haf_forward(lm: nn.Module) -> None:
+    """Let ``lm(..., haf_compute=fn)`` run the decoder body and return ``fn(hidden [S, T, D], lm)``.
+
+    The loss runs inside the model's forward (as TRL's fused LM head does), so DDP / autocast wrappers around the
+    forward see it; without ``haf_compute`` the forward is the previous one."""
+    if getattr(lm, "_haf_forward", False):
+        return
+    previous = lm.forward
+
+    def forward(self, *args, haf_compute=None, **kwargs):
+        if haf_compute is None:
+            return previous(*args, **kwargs)
+        for key in ("labels", "output_attentions", "output_hidden_states", "return_dict", "num_items_in_batch"):
+            kwargs.pop(key, None)
+        kwargs["use_cache"] = False
+        out = self.base_model(*args, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return haf_compute(hidden, self)
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._haf_forward = True
+
+
+def _lm_head(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = lm.get_output_embeddings()
+    head = getattr(head, "base_layer", head)
+    return head.weight, getattr(head, "bias", None)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+
+
+def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    t = attention_mask.shape[1]
+    pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class HafTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` that trains a HaF reward model with ``haf_kernels.fused_haf_loss``.
+
+    Same arguments as ``DPOTrainer`` (``model``: a causal LM instance, name or path, or a ``PeftModel``;
+    ``peft_config`` for LoRA), with ``args`` a ``HafConfig`` (a plain ``DPOConfig`` is taken with the HaF defaults).
+    ``reward_head``: an optional ``[1, D]`` initial weight of the reward head. ``trainer.reward(input_ids,
+    attention_mask)`` scores ``[S, T]`` right-padded rows; ``export_reward_model(dir)`` writes the folder that
+    ``AutoModelForSequenceClassification`` and ``AutoModelForCausalLM`` load.
+    """
+
+    _tag_names = ["trl", "haf", "reward-model"]
+    _name = "HaF"
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: nn.Module | None = None,
+        args: DPOConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        reward_head: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = HafConfig(f"{name.rstrip('/').split('/')[-1]}-HaF")
+        if not isinstance(args, HafConfig):
+            if not isinstance(args, DPOConfig):
+                raise TypeError(f"HafTrainer: args must be a HafConfig or DPOConfig, got {type(args).__name__}")
+            args = _to_haf_config(args)
+        args.validate_haf()
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            name = model if isinstance(model, str) else model.config._name_or_path
+            processing_class = AutoTokenizer.from_pretrained(name)
+        peft_config = kwargs.get("peft_config")
+        peft = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
+        mode = args.reference_mode
+        if mode == "auto":
+            reference_free = objectives.get(args.policy_loss).reference_free or args.alpha == 0
+            mode = "none" if reference_free else "model" if ref_model is not None else "lora" if peft else "copy"
+        if mode == "none" and ref_model is not None:
+            raise ValueError(
+                "HafTrainer: ref_model was given, but the loss is reference-free (reference_mode='none', "
+                "policy_loss='simpo' or alpha=0)"
+            )
+        if mode == "none" and args.precompute_ref_log_probs:
+            raise ValueError(
+                "HafTrainer: precompute_ref_log_probs=True, but the loss is reference-free (reference_mode='none', "
+                "policy_loss='simpo' or alpha=0)"
+            )
+        if mode == "lora" and ref_model is not None:
+            raise ValueError("HafTrainer: reference_mode='lora' (adapter disabled) and a ref_model; pass one of them")
+        if mode == "lora" and not peft:
+            raise ValueError("HafTrainer: reference_mode='lora' needs a PEFT model or peft_config (adapter disabled)")
+        if mode == "copy" and peft:
+            raise ValueError("HafTrainer: reference_mode='copy' with a PEFT model; use 'lora' (adapter disabled)")
+        if mode == "copy" and ref_model is None and not isinstance(model, str) and not args.precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model).eval()  # the initial weights, frozen (TRL would reload from disk)
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+        self.haf_reference = mode
+        if data_collator is None:
+            multiple = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None
+            data_collator = HafPreferenceCollator(processing_class, pad_to_multiple_of=multiple)
+        if args.padding_free:
+            raise ValueError("HafConfig.padding_free: expected False (HafTrainer pads), got True")
+        self._haf_datasets_prepared = False
+        with self._no_reference_load() if mode == "none" else contextlib.nullcontext():
+            super().__init__(
+                model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                **kwargs,
+            )
+        if self._is_vision_dataset:
+            raise ValueError("HafTrainer: vision-language preference data is not supported")
+        lm = self._lm(self.model)
+        attach_reward_head(lm, reward_head, seed=args.seed + 1)
+        _install_haf_forward(lm)
+        if self.ref_model is not None:
+            _install_haf_forward(self._lm(self.ref_model))
+
+    # ------------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _no_reference_load(self):
+        """Reference-free: keep ``DPOTrainer.__init__`` from loading a reference model from the policy's path (it
+        loads the policy itself, when given by name, before the datasets are prepared; the reference after)."""
+        from trl.trainer import dpo_trainer
+
+        original = dpo_trainer.create_model_from_path
+
+        def create(path: str, **kw: Any):
+            return None if self._haf_datasets_prepared else original(path, **kw)
+
+        dpo_trainer.create_model_from_path = create
+        try:
+            yield
+        finally:
+            dpo_trainer.create_model_from_path = original
+
+    def _lm(self, model: nn.Module) -> nn.Module:
+        """The transformers causal LM under accelerate / DDP and PEFT wrappers."""
+        m = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        return m.get_base_model() if _is_peft(m) else m
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        """Tokenise TRL preference rows under the reward contract (``tokenize_preference_row``)."""
+        import datasets
+
+        self._haf_datasets_prepared = True
+        first = next(iter(dataset))
+        if "chosen_end" in first and "prompt_ids" in first:
+            return dataset  # already prepared
+        tok = getattr(processing_class, "tokenizer", processing_class)
+        limit = args.prompt_limit if isinstance(args, HafConfig) else None
+
+        def tokenize(row: dict, idx: int) -> dict:
+            try:
+                return tokenize_preference_row(row, tok, max_length=args.max_length, max_prompt_length=limit)
+            except ValueError as exc:
+                raise ValueError(f"{dataset_name} dataset: row {idx}: {exc}") from None
+
+        kw: dict[str, Any] = {"with_indices": True}
+        if isinstance(dataset, datasets.Dataset):  # IterableDataset.map takes neither
+            kw.update(num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} dataset (reward contract)")
+        return dataset.map(tokenize, **kw)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = [
+                "prompt_ids",
+                "chosen_ids",
+                "rejected_ids",
+                "chosen_end",
+                "rejected_end",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+            ]
+
+    def _sequence_logps_fn(self, labels: torch.Tensor):
+        def compute(hidden: torch.Tensor, lm: nn.Module):
+            w, b = _lm_head(lm)
+            dt = _compute_dtype(hidden, w)
+            scale, softcap = _head_transform(lm.config)
+            return sequence_logprobs(
+                hidden.to(dt),
+                w.to(dt),
+                labels,
+                bias=None if b is None else b.to(dt),
+                logit_scale=scale,
+                softcap=softcap,
+                backend=self.args.haf_backend,
+            )
+
+        return compute
+
+    @torch.no_grad()
+    def compute_ref_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """Reference sequence log-prob sums ``(chosen [B], rejected [B])`` of one batch, fused (no logits)."""
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        unwrapped = self.accelerator.unwrap_model(model)
+        _install_haf_forward(self._lm(unwrapped))
+        ctx: Any = contextlib.nullcontext()
+        if _is_peft(unwrapped) and self.ref_model is None:  # the policy with its adapter disabled (or TRL's "ref")
+            from trl.trainer.utils import use_adapter
+
+            ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        target = model
+        was_training = target.training
+        target.eval()  # as haf-train: dropout off for the reference pass
+        try:
+            with ctx:
+                sums, _ = target(input_ids=ids, attention_mask=mask, haf_compute=self._sequence_logps_fn(labels))
+        finally:
+            target.train(was_training)
+        return sums.float().chunk(2, dim=0)
+
+    def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``ref_logps [2B]`` for ``fused_haf_loss`` (sums, or per-token means when the loss averages)."""
+        if self.haf_reference == "none":
+            return None
+        if self.precompute_ref_logps:
+            chosen, rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            chosen, rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        sums = torch.cat([chosen, rejected]).to(inputs["labels"].device).float()
+        counts = (inputs["labels"] != IGNORE_INDEX).sum(dim=1)
+        return objectives.sequence_logps(sums, counts, self.args.length_averaged)
+
+    def haf_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """``(HafLossOutput, rewards [2B])`` of one batch: the model's forward + ``fused_haf_loss``."""
+        args: HafConfig = self.args
+        if "labels" not in inputs:
+            raise ValueError(
+                f"HafTrainer: the batch has no 'labels' (keys {sorted(inputs)}); use HafPreferenceCollator "
+                "(the default data_collator), which adds the next-token and EOS targets"
+            )
+        labels, mask = inputs["labels"], inputs["attention_mask"]
+        ref = self._reference_logps(inputs)
+
+        def compute(hidden: torch.Tensor, lm: nn.Module):
+            head = getattr(lm, REWARD_HEAD)
+            idx = _last_token_index(mask)
+            features = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+            rewards = head(features.to(head.weight.dtype)).squeeze(-1)
+            w, b = _lm_head(lm)
+            dt = _compute_dtype(hidden, w)
+            scale, softcap = _head_transform(lm.config)
+            res = fused_haf_loss(
+                hidden.to(dt),
+                w.to(dt),
+                labels,
+                rewards.float(),
+                ref,
+                beta=args.beta,
+                alpha=args.alpha,
+                reward_weight=args.reward_weight,
+                policy_loss=args.policy_loss,
+                simpo_gamma=args.simpo_gamma,
+                average_log_prob=args.average_log_prob,
+                label_smoothing=args.label_smoothing,
+                center_rewards_coefficient=args.center_rewards_coefficient or 0.0,
+                lm_head_bias=None if b is None else b.to(dt),
+                logit_scale=scale,
+                softcap=softcap,
+                backend=args.haf_backend,
+            )
+            return res, rewards
+
+        return model(input_ids=inputs["input_ids"], attention_mask=mask, haf_compute=compute)
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool):
+        mode = "train" if self.model.training else "eval"
+        res, rewards = self.haf_loss(model, inputs)
+        b = rewards.shape[0] // 2
+        r = rewards.detach()
+        terms = {
+            "loss/reward": res.reward_loss,
+            "loss/policy": res.policy_loss,
+            "rewards/chosen": r[:b],
+            "rewards/rejected": r[b:],
+            "rewards/accuracies": (r[:b] > r[b:]).float(),
+            "rewards/margins": r[:b] - r[b:],
+            "implicit/accuracies": (res.implicit_margin.detach() > 0).float(),
+            "implicit/margins": res.implicit_margin,
+            "logps/chosen": res.chosen_logps,
+            "logps/rejected": res.rejected_logps,
+        }
+        terms = {k: v.detach().float().mean() for k, v in terms.items() if v is not None}
+        means = torch.stack([*terms.values(), inputs["attention_mask"].sum().float()])
+        gathered = self.accelerator.gather(means).reshape(-1, means.numel())  # [processes, terms]
+        values = gathered.mean(0).tolist()  # one host sync per step for all the metrics
+        metrics = self._metrics[mode]
+        for name, value in zip(terms, values):
+            metrics[name].append(value)
+        if mode == "train":
+            self._total_train_tokens += int(gathered[:, -1].sum().item()) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            return res.loss, {"rewards_chosen": r[:b], "rewards_rejected": r[b:]}
+        return res.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval: the loss, and the reward-head scores ``[B, 2]`` (chosen, rejected) with labels ``[B]`` of zeros."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = torch.stack([out["rewards_chosen"], out["rewards_rejected"]], dim=1)
+        return loss.detach(), logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+
+    # ------------------------------------------------------------------ scoring and saving
+    @torch.no_grad()
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reward-head scores ``[S]`` of right-padded rows ``input_ids [S, T]`` (the last non-padding token)."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        lm = self._lm(self.model)
+        model = self.accelerator.unwrap_model(self.model)
+
+        def compute(hidden: torch.Tensor, m: nn.Module) -> torch.Tensor:
+            head = getattr(m, REWARD_HEAD)
+            feats = hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_token_index(mask)]
+            return head(feats.to(head.weight.dtype)).squeeze(-1).float()
+
+        dev = lm.get_output_embeddings().weight.device
+        was_training = model.training
+        model.eval()
+        try:
+            return model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), haf_compute=compute)
+        finally:
+            model.train(was_training)
+
+    def reward_contract(self) -> dict[str, Any]:
+        """What scoring needs to reproduce training (``haf_reward.json``), as ``training.data.reward_contract``."""
+        tok = self._tokenizer
+        eos = getattr(tok, "eos_token_id", None)
+        return {
+            "contract_version": CONTRACT_VERSION,
+            "reward_position": "last token of tokenizer(text) with the tokenizer's default special tokens",
+            "text": "prompt + response (one space joins plain texts that meet without whitespace); conversational "
+            "rows: the chat template's rendering of the prompt and response messages",
+            "add_special_tokens": True,
+            "dedupe_bos": True,
+            "chat_template": bool(getattr(tok, "chat_template", None)),
+            "max_length": self.args.max_length,
+            "max_prompt_length": self.args.prompt_limit,
+            "truncation": {"prompt": "left, keeping leading special tokens (BOS)", "response": "right"},
+            "policy_eos_appended": eos is not None,
+            "policy_eos_token_id": eos,
+            "pad_token_id": getattr(tok, "pad_token_id", None),
+            "trainer": "haf_kernels.integrations.trl.HafTrainer",
+        }
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        (out / "haf_reward.json").write_text(json.dumps(self.reward_contract(), indent=2) + "\n", encoding="utf-8")
+        if _is_peft(self.accelerator.unwrap_model(self.model)):  # the adapter files hold no reward head
+            from safetensors.torch import save_file
+
+            head = getattr(self._lm(self.model), REWARD_HEAD)
+            save_file(
+                {f"{REWARD_HEAD}.weight": head.weight.detach().cpu().contiguous()}, str(out / "reward_head.safetensors")
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """``Trainer``'s resume, plus the reward head of a PEFT checkpoint (kept beside the adapter)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / "reward_head.safetensors"
+        if path.exists():
+            from safetensors.torch import load_file
+
+            head = getattr(self._lm(model if model is not None else self.model), REWARD_HEAD)
+            with torch.no_grad():
+                head.weight.copy_(load_file(str(path))[f"{REWARD_HEAD}.weight"].to(head.weight))
+
+    def export_reward_model(self, output_dir: str) -> Path:
+        """Write ``output_dir`` that ``AutoModelForSequenceClassification`` (reward = ``score``) and
+        ``AutoModelForCausalLM`` (the policy) both load: the full model (a LoRA adapter merged into a copy),
+        the tokenizer and ``haf_reward.json``. Returns the folder."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if _is_peft(model):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(str(out))
+        self._tokenizer.save_pretrained(str(out))
+        (out / "haf_reward.json").write_text(json.dumps(self.reward_contract(), indent=2) + "\n", encoding="utf-8")
+        return out
+
+
+def _to_haf_config(args: DPOConfig) -> HafConfig:
+    """A ``HafConfig`` with the fields of a plain ``DPOConfig`` (HaF fields at their defaults)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(DPOConfig) if f.init}
+    for key, value in list(values.items()):
+        if hasattr(value, "to_dict") and key in ("accelerator_config",):
+            values[key] = value.to_dict()
+    return HafConfig(**values)
