@@ -500,6 +500,7 @@ def measure(spec: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
     dtype = getattr(torch, spec["dtype"])
     cuda = device == "cuda"
     rss_start = bu.rss_bytes()
+    alloc_start = torch.cuda.memory_allocated() if cuda else 0  # e.g. the reference held by a suite worker
     hidden, weight, labels, rewards, g = make_inputs(
         tuple(spec["shape"]), spec["regime"], dtype, device, with_floor_grad=name == "floor"
     )
@@ -546,7 +547,7 @@ def measure(spec: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
     if cuda:
         res["mem"] = {
             "peak_above_inputs_mib": bu.mib(torch.cuda.max_memory_allocated() - base_alloc),
-            "inputs_mib": bu.mib(base_alloc),
+            "inputs_mib": bu.mib(base_alloc - alloc_start),
         }
     else:
         peak_timed = bu.hwm_bytes()
@@ -915,6 +916,8 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
                 for m in methods:
                     if m in got:
                         rows.append({**got[m], "method": m, "shape": blk["shape"], "regime": blk["regime"]})
+                if not rows:
+                    continue  # not reached yet (partial save)
                 add_x_floor(rows)
                 results.append(
                     {

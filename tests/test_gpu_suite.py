@@ -99,6 +99,7 @@ def test_dry_run_writes_every_file(tmp_path: Path) -> None:
     print(f"dry run: {wall:.1f} s wall")
 
 
+@pytest.mark.slow  # two worker start-ups and the 6 s timeout: ~15-30 s
 def test_method_past_its_timeout_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     """``debug-hang`` sleeps for an hour: it is stopped at its timeout, the next method runs in a fresh worker."""
     cmd = [sys.executable, str(BENCH / "bench_loss.py"), "--preset", "dryrun", "--methods", "floor,debug-hang,naive"]
