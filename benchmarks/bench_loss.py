@@ -11,28 +11,47 @@ with β = 0.1, alpha = 0.2, reward_weight = 1 and ``logπ`` the sequence sums of
     naive          materialised fp32 logits + log_softmax + gather (what TRL does)
     naive-compile  torch.compile of ``naive``
     haf-<backend>  fused_haf_loss(..., backend=<backend>) for torch / cpp / triton (reference: memcheck)
+    haf-<backend>-keep        the same with grad_in_forward=True (gradients finished in the forward, 3 GEMMs)
     haf-<backend>-recompute   the same with grad_in_forward=False (lse saved, logits recomputed in backward)
+    haf-<...>-filter          any haf method with HAF_GRAD_FILTER=GRAD_FILTER (gradient filtering on)
     liger          Liger-Kernel LigerFusedLinearDPOLoss (compiled) + the same BT term
+    liger-ce       Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction="none") -> sequence log-probs
     cce            Cut Cross-Entropy per-token losses -> sequence log-probs -> the same O(B) loss
+    trl            TRL's ChunkedLogProbFunction (trl.kernels.chunked_logprob) -> sequence log-probs
+    debug-hang     sleeps for an hour (exercises the per-method timeout; in no preset)
 
-Errors are ‖x − x_ref‖/‖x_ref‖ of the loss and of the gradients of hidden and weight against a float64
-reference (``backend="reference"`` in float64 on the full problem, one chunk of pairs at a time: the loss is
-a mean of per-pair terms, so chunking is exact).
+Errors are ‖x − x_ref‖/‖x_ref‖ of the loss and of the gradients of hidden and weight against a reference
+(``backend="reference"`` on the full problem, one chunk of pairs at a time: the loss is a mean of per-pair
+terms, so chunking is exact), in float64 (CPU presets) or float32 (``gpu``: computed once per shape on the
+device, cheap next to the bf16 errors it judges).
+
+Isolation: the CPU presets run every method in a fresh subprocess; ``gpu`` and ``dryrun`` run all methods in
+one worker process, one after another, each under its own timeout (a hung or crashed method kills that worker,
+is recorded as ``timeout`` / ``error`` / ``oom``, and a fresh worker goes on with the rest), all within
+``--budget`` seconds (what is left when it runs out is recorded as ``skipped``).
 
     python benchmarks/bench_loss.py --preset cpu            # writes benchmarks/results/cpu-<date>-loss.*
-    python benchmarks/bench_loss.py --preset gpu
+    python benchmarks/bench_loss.py --preset gpu            # bf16, two LLM-sized shapes, ~5 min on an H100
+    python benchmarks/bench_loss.py --preset dryrun         # the gpu preset's plumbing on CPU, tiny shapes
     python benchmarks/bench_loss.py --preset memcheck       # torch backend peak RSS <= reference / 3 ?
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
+import queue
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,7 +64,38 @@ IGNORE = -100
 SEED = 1234
 PEAKY_TARGET_LOGIT = 15.0  # average extra logit of the target token in the "peaky" regime
 
+GRAD_FILTER = 2.0**-12  # HAF_GRAD_FILTER of the "-filter" methods: bf16 eps / 32, CCE's default filter_eps
+TRL_CHUNK = 32768  # vocab columns per tile, as TRL's trainer calls ChunkedLogProbFunction
+
 ALL_METHODS = ["floor", "naive", "naive-compile", "haf-torch", "haf-cpp", "haf-triton", "liger", "cce"]
+# The GPU suite: every method that runs on CUDA, naive-compile left out (minutes of torch.compile per shape).
+SUITE_METHODS = [
+    "floor",
+    "haf-triton-keep",
+    "haf-triton-recompute",
+    "haf-triton-keep-filter",
+    "haf-triton-recompute-filter",
+    "haf-torch",
+    "liger",
+    "liger-ce",
+    "cce",
+    "trl",
+    "naive",
+]
+# Seconds each method may take in the one-process runner (warm-up with any JIT/compile included). The first
+# Triton method of a run also compiles the kernels (no cache on a bare machine); Liger's DPO loss compiles.
+METHOD_TIMEOUTS = {
+    "floor": 45,
+    "naive": 60,
+    "haf-torch": 60,
+    "liger": 120,
+    "liger-ce": 60,
+    "cce": 90,
+    "trl": 60,
+}
+HAF_TRITON_TIMEOUT = 90
+DEFAULT_TIMEOUT = 60
+SETUP_TIMEOUT = 120  # imports, inputs and the reference of one block, between two methods
 
 # shapes are (pairs, T, D, V); N = 2 · pairs · T tokens
 PRESETS: dict[str, dict[str, Any]] = {
@@ -68,14 +118,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         methods=ALL_METHODS,
         regimes=["random", "peaky"],
     ),
-    "gpu": dict(
+    "gpu": dict(  # 16384 tokens × 4096 × 128256 (Llama-3 8B head), 8192 × 2304 × 256000 (Gemma-2 2B head)
         device="cuda",
         dtype="bfloat16",
-        shapes=[(16, 512, 4096, 128256), (8, 512, 2048, 151936), (4, 512, 4096, 256000)],
-        reps=10,
-        warmup=3,
-        methods=ALL_METHODS,
+        shapes=[(16, 512, 4096, 128256), (8, 512, 2304, 256000)],
+        reps=5,
+        warmup=2,
+        methods=SUITE_METHODS,
         regimes=["random", "peaky"],
+        isolation="run",
+        reference="float32",
+    ),
+    "dryrun": dict(  # the gpu preset's plumbing on CPU (TRITON_INTERPRET=1 for haf-triton), tiny shapes
+        device="cpu",
+        dtype="float32",
+        shapes=[(1, 8, 16, 128), (1, 6, 16, 96)],
+        reps=1,
+        warmup=0,
+        threads=1,
+        methods=SUITE_METHODS,
+        regimes=["peaky"],
+        isolation="run",
+        reference="float64",
     ),
     "memcheck": dict(
         device="cpu",
@@ -153,6 +217,33 @@ class Unavailable(Exception):
         self.status, self.reason = status, reason
 
 
+def parse_haf_method(name: str) -> tuple[str, bool | None, bool]:
+    """``haf-<backend>[-keep|-recompute][-filter]`` -> (backend, grad_in_forward, gradient filtering on)."""
+    rest = name[len("haf-") :]
+    filt = rest.endswith("-filter")
+    rest = rest[: -len("-filter")] if filt else rest
+    gif = None  # library default: gradients finished inside the forward where the backend keeps logits
+    for suffix, value in (("-keep", True), ("-recompute", False)):
+        if rest.endswith(suffix):
+            rest, gif = rest[: -len(suffix)], value
+    return rest, gif, filt
+
+
+@contextlib.contextmanager
+def env_vars(values: dict[str, str]):
+    """Set environment variables for the duration of the block, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def build_method(name: str, device: str, hidden, weight, labels, rewards, g):
     """A zero-argument callable running one forward+backward of method ``name`` (grads land in ``.grad``)."""
     import torch
@@ -174,32 +265,47 @@ def build_method(name: str, device: str, hidden, weight, labels, rewards, g):
     if name.startswith("haf-"):
         from haf_kernels import backends, fused_haf_loss
 
-        backend = name[4:]
-        gif = None  # library default: gradients finished inside the forward when a chunk of pairs fits
-        if backend.endswith("-recompute"):  # linear_logprobs path: lse only, logits recomputed in backward
-            backend, gif = backend[: -len("-recompute")], False
+        backend, gif, filt = parse_haf_method(name)
         avail = backends.available()
         if not avail.get(backend, False):
             raise Unavailable("not available", backends.unavailable_reasons().get(backend, "unknown backend"))
         if not backends.supports_device(backend, torch.device(device)):
             raise Unavailable("not available", f"backend {backend!r} does not run on {device} tensors")
+        if filt and not backends.capabilities(backend).grad_filter:
+            raise Unavailable("not available", f"backend {backend!r} does not implement gradient filtering")
+        env = {"HAF_GRAD_FILTER": repr(GRAD_FILTER) if filt else "0"}
 
         def haf():
-            out = fused_haf_loss(
-                hidden,
-                weight,
-                labels,
-                rewards,
-                beta=BETA,
-                alpha=ALPHA,
-                reward_weight=REWARD_WEIGHT,
-                backend=backend,
-                grad_in_forward=gif,
-            )
-            out.loss.backward()
+            with env_vars(env):  # read by haf_kernels.tuning at every call, backward included
+                out = fused_haf_loss(
+                    hidden,
+                    weight,
+                    labels,
+                    rewards,
+                    beta=BETA,
+                    alpha=ALPHA,
+                    reward_weight=REWARD_WEIGHT,
+                    backend=backend,
+                    grad_in_forward=gif,
+                )
+                out.loss.backward()
             return out.loss
 
         return haf
+
+    if name == "debug-hang":  # a method that never finishes: exercises the per-method timeout
+
+        def hang():
+            time.sleep(3600)
+
+        return hang
+
+    if name == "naive" and device == "cuda":
+        n_logits = hidden.shape[0] * hidden.shape[1] * weight.shape[0]
+        need = 20 * n_logits  # dtype + fp32 logits, log-softmax, their gradients: ~5 fp32 copies
+        free = torch.cuda.mem_get_info()[0]
+        if need > free:
+            raise Unavailable("skipped", f"needs ~{need / 2**30:.0f} GiB for full logits, {free / 2**30:.0f} GiB free")
 
     if name in ("naive", "naive-compile"):
         fn = torch.compile(naive_loss) if name == "naive-compile" else naive_loss
@@ -236,6 +342,26 @@ def build_method(name: str, device: str, hidden, weight, labels, rewards, g):
 
         return liger
 
+    if name == "liger-ce":
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        except ImportError as exc:
+            raise Unavailable("not installed", f"liger-kernel: {exc}") from exc
+        if device != "cuda":
+            raise Unavailable("not available", "Liger's fused linear cross-entropy is a Triton kernel (CUDA only)")
+        # reduction="none": per-token −logp, gradients recomputed in backward with the per-token upstream gradient
+        ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")
+        two_b, t, d = hidden.shape
+
+        def liger_ce():
+            tok = ce(weight, hidden.reshape(two_b * t, d), labels.reshape(two_b * t))
+            seq = -tok.float().view(two_b, t).sum(-1)
+            loss = REWARD_WEIGHT * bt_term(rewards) + ALPHA * dpo_term(seq)
+            loss.backward()
+            return loss
+
+        return liger_ce
+
     if name == "cce":
         try:
             from cut_cross_entropy import linear_cross_entropy
@@ -252,14 +378,39 @@ def build_method(name: str, device: str, hidden, weight, labels, rewards, g):
 
         return cce
 
+    if name == "trl":
+        try:
+            import trl.trainer.utils  # noqa: F401  (the function's backward imports it at call time)
+            from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        except Exception as exc:  # trl needs transformers, accelerate, datasets, ... besides its own wheel
+            raise Unavailable("not installed", f"trl: {type(exc).__name__}: {exc}") from exc
+        mask = labels != IGNORE
+        flat_mask = mask.reshape(-1)
+        two_b, t, d = hidden.shape
+
+        def trl_logprob():
+            # as TRL's trainer calls it: only the scored positions, no optional outputs, vocab tiles of 32768
+            h = hidden.reshape(two_b * t, d)[flat_mask]
+            y = labels.reshape(-1)[flat_mask]
+            logp = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, TRL_CHUNK, None, 1.0, ())[0]
+            seq = logp.new_zeros(mask.shape).masked_scatter(mask, logp).float().sum(-1)
+            loss = REWARD_WEIGHT * bt_term(rewards) + ALPHA * dpo_term(seq)
+            loss.backward()
+            return loss
+
+        return trl_logprob
+
     raise ValueError(f"unknown method {name!r}")
 
 
-# ------------------------------------------------------------------------------------------- float64 truth
+# ------------------------------------------------------------------------------------------------ reference
 
 
-def reference_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Float64 loss and gradients of the full problem with ``backend='reference'``, chunked by pairs."""
+def compute_reference(spec: dict[str, Any], ref_dtype: str):
+    """Loss and gradients of the full problem with ``backend='reference'`` in ``ref_dtype``, chunked by pairs.
+
+    Returns ``({"loss", "dh" [2B,T,D], "dw" [V,D]}, info)``; the tensors stay on the inputs' device.
+    """
     import torch
 
     from haf_kernels import fused_haf_loss
@@ -267,43 +418,61 @@ def reference_job(spec: dict[str, Any]) -> dict[str, Any]:
     device, shape = spec["device"], tuple(spec["shape"])
     pairs, t, d, v = shape
     hidden, weight, labels, rewards, _ = make_inputs(shape, spec["regime"], getattr(torch, spec["dtype"]), device)
-    h64, w64, r64 = hidden.double(), weight.double().requires_grad_(True), rewards.double()
-    budget = 512 << 20  # bytes of fp64 logits per chunk
-    per = max(1, budget // (2 * t * v * 8))
-    dh = torch.zeros_like(h64)
-    dw = torch.zeros_like(w64)
+    rdt = getattr(torch, ref_dtype)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference, not TF32
+    hr, wr, rr = hidden.to(rdt), weight.to(rdt).requires_grad_(True), rewards.to(rdt)
+    del hidden, weight
+    budget = 512 << 20  # bytes of reference logits per chunk
+    per = max(1, budget // (2 * t * v * hr.element_size()))
+    dh = torch.zeros_like(hr)
+    dw = torch.zeros_like(wr)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     t0 = time.perf_counter()
     for p0 in range(0, pairs, per):
         p1 = min(p0 + per, pairs)
         rows = torch.cat([torch.arange(p0, p1, device=device), torch.arange(pairs + p0, pairs + p1, device=device)])
-        h = h64.index_select(0, rows).requires_grad_(True)
+        h = hr.index_select(0, rows).requires_grad_(True)
         out = fused_haf_loss(
             h,
-            w64,
+            wr,
             labels.index_select(0, rows),
-            r64.index_select(0, rows),
+            rr.index_select(0, rows),
             beta=BETA,
             alpha=ALPHA,
             reward_weight=REWARD_WEIGHT,
             backend="reference",
         )
         part = out.loss * ((p1 - p0) / pairs)
-        gh, gw = torch.autograd.grad(part, [h, w64])
+        gh, gw = torch.autograd.grad(part, [h, wr])
         dh.index_copy_(0, rows, gh)
         dw += gw
-        loss += part.detach()
+        loss += part.detach().double()
+        del out, part, gh, gw, h
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    keep64 = dw.numel() * 8 <= (1 << 30)
-    store = torch.float64 if keep64 else torch.float32
-    torch.save({"loss": loss.item(), "dh": dh.to(store).cpu(), "dw": dw.to(store).cpu()}, spec["ref_path"])
-    return {
+    info = {
         "status": "ok",
+        "dtype": ref_dtype,
         "loss": loss.item(),
         "time_s": round(elapsed, 2),
-        "stored_dtype": str(store)[6:],
         "pairs_per_chunk": per,
     }
+    return {"loss": loss.item(), "dh": dh, "dw": dw.detach()}, info
+
+
+def reference_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Worker job of the per-method isolation: the float64 reference, saved to ``spec['ref_path']``."""
+    import torch
+
+    ref, info = compute_reference(spec, "float64")
+    keep64 = ref["dw"].numel() * 8 <= (1 << 30)
+    store = torch.float64 if keep64 else torch.float32
+    torch.save(
+        {"loss": ref["loss"], "dh": ref["dh"].to(store).cpu(), "dw": ref["dw"].to(store).cpu()}, spec["ref_path"]
+    )
+    return {**info, "stored_dtype": str(store)[6:]}
 
 
 def rel_err(a, b, rows: int = 4096) -> float:
@@ -323,19 +492,15 @@ def rel_err(a, b, rows: int = 4096) -> float:
 # ------------------------------------------------------------------------------------------------- worker
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
+def measure(spec: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
+    """Build seeded inputs, run ``warmup`` + ``reps`` forward+backward steps of ``spec['method']``; one result row."""
     import torch
-
-    torch.manual_seed(SEED)
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    if spec["method"] == "fp64-reference":
-        return reference_job(spec)
 
     device, name = spec["device"], spec["method"]
     dtype = getattr(torch, spec["dtype"])
     cuda = device == "cuda"
     rss_start = bu.rss_bytes()
+    alloc_start = torch.cuda.memory_allocated() if cuda else 0  # e.g. the reference held by a suite worker
     hidden, weight, labels, rewards, g = make_inputs(
         tuple(spec["shape"]), spec["regime"], dtype, device, with_floor_grad=name == "floor"
     )
@@ -382,7 +547,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         res["mem"] = {
             "peak_above_inputs_mib": bu.mib(torch.cuda.max_memory_allocated() - base_alloc),
-            "inputs_mib": bu.mib(base_alloc),
+            "inputs_mib": bu.mib(base_alloc - alloc_start),
         }
     else:
         peak_timed = bu.hwm_bytes()
@@ -400,15 +565,260 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         }
     if name != "floor":
         res["loss"] = float(out.detach().float().item())
-        ref_path = spec.get("ref_path")
-        if ref_path and os.path.exists(ref_path):
-            ref = torch.load(ref_path, map_location="cpu", weights_only=True)
+        if ref is not None:
             res["err"] = {
                 "loss": abs(res["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30),
-                "hidden": rel_err(hidden.grad.detach().cpu(), ref["dh"]),
-                "weight": rel_err(weight.grad.detach().cpu(), ref["dw"]),
+                "hidden": rel_err(hidden.grad.detach(), ref["dh"]),
+                "weight": rel_err(weight.grad.detach(), ref["dw"]),
             }
     return res
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Per-method isolation: one method (or the float64 reference) in this fresh process."""
+    import torch
+
+    torch.manual_seed(SEED)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    if spec["method"] == "fp64-reference":
+        return reference_job(spec)
+    ref = None
+    ref_path = spec.get("ref_path")
+    if ref_path and os.path.exists(ref_path):
+        ref = torch.load(ref_path, map_location="cpu", weights_only=True)
+    return measure(spec, ref)
+
+
+def _line(tag: str, obj: dict[str, Any]) -> None:
+    sys.stdout.write(f"{tag} {json.dumps(obj)}\n")
+    sys.stdout.flush()
+
+
+def _fatal_device_error(msg: str) -> bool:
+    """An error after which this process's CUDA context is unusable (the next method needs a fresh worker)."""
+    low = msg.lower()
+    return "out of memory" not in low and any(
+        k in low for k in ("illegal memory access", "device-side assert", "cuda error", "unspecified launch failure")
+    )
+
+
+def suite_worker(spec: dict[str, Any]) -> int:
+    """One-process isolation: every (block, method) of ``spec['blocks']`` in turn, results as tagged lines.
+
+    Per block: ``REFSTART``/``REF`` (the reference, unless ``no_ref``), then per method ``START`` and ``RESULT``.
+    Exits with status 3 after a method left the device unusable, so that the parent starts a fresh worker.
+    """
+    import torch
+
+    torch.manual_seed(SEED)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    cuda = spec["device"] == "cuda"
+    for blk in spec["blocks"]:
+        base = {k: spec[k] for k in ("device", "dtype", "reps", "warmup")}
+        base.update(shape=blk["shape"], regime=blk["regime"], reps=blk.get("reps") or spec["reps"])
+        ref = None
+        if blk.get("reference"):
+            _line("REFSTART", {"block": blk["index"]})
+            try:
+                ref, info = compute_reference(base, blk["reference"])
+            except Exception as exc:
+                info = {"status": "oom" if "out of memory" in str(exc).lower() else "error", "reason": str(exc)[:800]}
+            _line("REF", {"block": blk["index"], **info})
+            gc.collect()
+        for m in blk["methods"]:
+            _line("START", {"block": blk["index"], "method": m})
+            fatal = False
+            try:
+                r = measure({**base, "method": m}, ref)
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                msg = f"{type(exc).__name__}: {exc}"
+                r = {"status": "oom" if "out of memory" in msg.lower() else "error", "reason": msg[:800]}
+                fatal = cuda and _fatal_device_error(msg)
+            _line("RESULT", {"block": blk["index"], "method": m, **r})
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            if fatal:
+                return 3
+        del ref
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- one-process runner
+
+
+def method_timeout(name: str, override: float | None) -> float:
+    """Seconds method ``name`` may take in the one-process runner (``override`` wins)."""
+    if override is not None:
+        return override
+    if name.startswith("haf-triton"):
+        return HAF_TRITON_TIMEOUT
+    return METHOD_TIMEOUTS.get(name, DEFAULT_TIMEOUT)
+
+
+def run_in_one_process(
+    script: str,
+    common: dict[str, Any],
+    blocks: list[dict[str, Any]],
+    timeout: float | None,
+    deadline: float,
+    on_result=None,
+) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, Any] | None]]:
+    """Run every (block, method) in a worker process, restarting it after a timeout or crash.
+
+    ``blocks``: ``[{"shape", "regime", "methods", "reference"}]``; ``deadline``: ``time.monotonic()`` value after
+    which nothing more is started (running methods are stopped, the rest recorded as ``skipped``).
+    Returns per block ``{method: row}`` and the reference info; ``on_result(block_index, rows, refs)`` after
+    each row.
+    """
+    rows: list[dict[str, dict[str, Any]]] = [{} for _ in blocks]
+    refs: list[dict[str, Any] | None] = [None for _ in blocks]
+    no_ref: set[int] = set()
+
+    def pending() -> list[dict[str, Any]]:
+        out = []
+        for i, blk in enumerate(blocks):
+            left = [m for m in blk["methods"] if m not in rows[i]]
+            if left:
+                want_ref = blk.get("reference") if i not in no_ref else None
+                keys = ("shape", "regime", "reps")
+                out.append({"index": i, "methods": left, "reference": want_ref, **{k: blk.get(k) for k in keys}})
+            elif refs[i] is None and blk.get("reference") and i not in no_ref:
+                refs[i] = {"status": "skipped", "reason": "no method left to compare"}
+        return out
+
+    def record(i: int, m: str, row: dict[str, Any]) -> None:
+        rows[i][m] = row
+        log(f"  {m:28s} {row['status']:13s} {summary(row)}")
+        if on_result is not None:
+            on_result(i, rows, refs)
+
+    while True:
+        todo = pending()
+        if not todo:
+            break
+        if time.monotonic() >= deadline:
+            for blk in todo:
+                for m in blk["methods"]:
+                    record(blk["index"], m, {"status": "skipped", "reason": "suite time budget used up"})
+            break
+        spec = {**common, "blocks": todo}
+        cmd = [sys.executable, script, "--suite-worker", "--spec", json.dumps(spec)]
+        env = dict(os.environ)
+        env.setdefault("PYTHONHASHSEED", "0")
+        env["PYTHONPATH"] = os.pathsep.join([str(bu.ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=bu.ROOT,
+            start_new_session=True,
+        )
+        lines: queue.Queue = queue.Queue()
+        tail: deque = deque(maxlen=8)
+
+        def pump_out(stream=proc.stdout, q=lines) -> None:
+            for ln in stream:
+                q.put(ln.rstrip("\n"))
+            q.put(None)
+
+        def pump_err(stream=proc.stderr, t=tail) -> None:
+            for ln in stream:
+                sys.stderr.write(ln)
+                t.append(ln.rstrip("\n"))
+            sys.stderr.flush()
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (pump_out, pump_err)]
+        for th in threads:
+            th.start()
+        try:
+            phase, current, started = "setup", None, time.monotonic()
+            progressed = False
+            first = todo[0]
+            while True:
+                now = time.monotonic()
+                limit = {"setup": SETUP_TIMEOUT, "reference": SETUP_TIMEOUT}.get(phase) or method_timeout(
+                    current[1], timeout
+                )
+                wait = min(started + limit, deadline) - now
+                try:
+                    line = lines.get(timeout=max(wait, 0.0))
+                except queue.Empty:
+                    _kill(proc)
+                    budget = started + limit > deadline
+                    why = "suite time budget used up" if budget else f"ran past its {limit:.0f} s timeout"
+                    if phase == "method":
+                        record(current[0], current[1], {"status": "timeout", "reason": why})
+                    elif phase == "reference":
+                        refs[current[0]] = {"status": "timeout", "reason": f"reference {why}"}
+                        no_ref.add(current[0])
+                    elif not progressed:  # stuck before its first method: charge that method, so the run moves on
+                        record(
+                            first["index"], first["methods"][0], {"status": "timeout", "reason": f"worker setup {why}"}
+                        )
+                    break
+                if line is None:  # the worker exited
+                    rc = proc.wait()
+                    for th in threads:
+                        th.join(timeout=5)
+                    reason = f"worker exit {rc}: " + " | ".join(tail)[-800:]
+                    status = "oom" if rc in (-9, 137) or "out of memory" in reason.lower() else "error"
+                    if phase == "method":
+                        record(current[0], current[1], {"status": status, "reason": reason})
+                    elif phase == "reference":
+                        refs[current[0]] = {"status": status, "reason": reason}
+                        no_ref.add(current[0])
+                    elif not progressed and rc != 0:
+                        record(first["index"], first["methods"][0], {"status": status, "reason": reason})
+                    break
+                tag, _, payload = line.partition(" ")
+                if tag not in ("START", "RESULT", "REFSTART", "REF"):
+                    continue  # stray output of a method
+                obj = json.loads(payload)
+                i = obj.pop("block")
+                started = time.monotonic()
+                if tag == "REFSTART":
+                    phase, current = "reference", (i, None)
+                elif tag == "REF":
+                    refs[i] = obj
+                    if obj.get("status") == "ok":
+                        where = f"{tuple(blocks[i]['shape'])} {blocks[i]['regime']}"
+                        log(f"{where}: {obj['dtype']} reference {obj['time_s']} s")
+                    else:
+                        no_ref.add(i)
+                    phase, current = "setup", None
+                elif tag == "START":
+                    phase, current = "method", (i, obj["method"])
+                else:
+                    m = obj.pop("method")
+                    record(i, m, obj)
+                    phase, current, progressed = "setup", None, True
+        finally:
+            _kill(proc)
+    return rows, refs
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop a worker and everything it started (its own session), then reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -442,6 +852,9 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
     reps = args.reps or preset["reps"]
     warmup = preset["warmup"] if args.warmup is None else args.warmup
     threads = args.threads or preset.get("threads")
+    isolation = preset.get("isolation", "method")
+    ref_dtype = preset.get("reference", "float64")
+    timeout = 3600.0 if args.timeout is None else args.timeout  # per worker, per-method isolation
     script = str(Path(__file__).resolve())
     results = []
     tmp = tempfile.TemporaryDirectory(prefix="haf-bench-")
@@ -469,10 +882,66 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
             "concurrent_workers": args.jobs,
             "reps_note": args.reps_note or None,
             "reps_per_shape": args.reps_per_shape or None,
+            "isolation": isolation,
+            "reference_dtype": None if args.no_errors else ref_dtype,
+            "grad_filter": GRAD_FILTER,
+            "budget_s": args.budget,
         },
         "results": results,
         "partial": True,
     }
+    itemsize = torch.empty(0, dtype=getattr(torch, preset["dtype"])).element_size()
+    if isolation == "run":
+        blocks = [
+            {
+                "shape": list(shape),
+                "regime": regime,
+                "methods": methods,
+                "reference": None if args.no_errors else ref_dtype,
+            }
+            for regime in regimes  # regime outer: every shape gets measured before the budget runs short
+            for shape in shapes
+        ]
+        for blk in blocks:
+            blk["reps"] = shape_reps[tuple(blk["shape"])]
+        deadline = time.monotonic() + (args.budget if args.budget else 1e9)
+        common = {"device": device, "dtype": preset["dtype"], "threads": threads, "warmup": warmup, "reps": reps}
+        state: dict[str, Any] = {}
+
+        def assemble() -> None:
+            results.clear()
+            for i, blk in enumerate(blocks):
+                got = state["rows"][i] if state else {}
+                rows = []
+                for m in methods:
+                    if m in got:
+                        rows.append({**got[m], "method": m, "shape": blk["shape"], "regime": blk["regime"]})
+                if not rows:
+                    continue  # not reached yet (partial save)
+                add_x_floor(rows)
+                results.append(
+                    {
+                        "shape": dict(zip(("pairs", "T", "D", "V"), blk["shape"])),
+                        "regime": blk["regime"],
+                        "predicted": flops_bytes(tuple(blk["shape"]), itemsize),
+                        "reference": state["refs"][i] if state else None,
+                        "methods": rows,
+                    }
+                )
+
+        def progress(i: int, rows, refs) -> None:
+            if on_block is not None and len(rows[i]) == len(blocks[i]["methods"]):
+                state.update(rows=rows, refs=refs)
+                assemble()
+                on_block(res)
+
+        log(f"{len(blocks)} blocks x {len(methods)} methods in one worker process, budget {args.budget} s")
+        rows_, refs_ = run_in_one_process(script, common, blocks, args.timeout, deadline, progress)
+        state.update(rows=rows_, refs=refs_)
+        assemble()
+        tmp.cleanup()
+        res["partial"] = False
+        return res
     for shape in shapes:
         for regime in regimes:
             base = {
@@ -486,14 +955,12 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
             ref_path = None
             if not args.no_errors:
                 ref_path = os.path.join(tmp.name, f"ref-{'x'.join(map(str, shape))}-{regime}.pt")
-                ref_info = bu.run_worker(
-                    script, {**base, "method": "fp64-reference", "ref_path": ref_path}, args.timeout
-                )
+                ref_info = bu.run_worker(script, {**base, "method": "fp64-reference", "ref_path": ref_path}, timeout)
                 log(f"{shape} {regime}: fp64 reference {ref_info.get('status')} {ref_info.get('time_s', '')} s")
 
             def one(m: str, shape=shape, regime=regime, base=base, ref_path=ref_path) -> dict[str, Any]:
                 spec = {**base, "method": m, "reps": shape_reps[shape], "warmup": warmup, "ref_path": ref_path}
-                r = bu.run_worker(script, spec, args.timeout)
+                r = bu.run_worker(script, spec, timeout)
                 r.update(method=m, shape=list(shape), regime=regime)
                 log(f"  {m:14s} {r['status']:13s} {summary(r)}")
                 return r
@@ -503,17 +970,12 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
                     rows = list(pool.map(one, methods))
             else:
                 rows = [one(m) for m in methods]
-            floor = next((r for r in rows if r["method"] == "floor" and r["status"] == "ok"), None)
-            for r in rows:
-                if floor and r["status"] == "ok":
-                    r["x_floor"] = round(r["time_ms"] / floor["time_ms"], 2)
+            add_x_floor(rows)
             results.append(
                 {
                     "shape": dict(zip(("pairs", "T", "D", "V"), shape)),
                     "regime": regime,
-                    "predicted": flops_bytes(
-                        shape, torch.empty(0, dtype=getattr(torch, preset["dtype"])).element_size()
-                    ),
+                    "predicted": flops_bytes(shape, itemsize),
                     "reference": ref_info,
                     "methods": rows,
                 }
@@ -523,6 +985,14 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
     tmp.cleanup()
     res["partial"] = False
     return res
+
+
+def add_x_floor(rows: list[dict[str, Any]]) -> None:
+    """``x_floor`` = time / floor's time for every ok row of one block (when the floor ran)."""
+    floor = next((r for r in rows if r["method"] == "floor" and r["status"] == "ok"), None)
+    for r in rows:
+        if floor and r["status"] == "ok":
+            r["x_floor"] = round(r["time_ms"] / floor["time_ms"], 2)
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -553,6 +1023,19 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
         "",
     ]
+    if c.get("reference_dtype"):
+        out += [
+            f"Errors: ‖x − x_ref‖/‖x_ref‖ of the loss, dH and dW against a {c['reference_dtype']} reference "
+            "(`backend='reference'`, same inputs, computed once per shape and regime).",
+            "",
+        ]
+    if c.get("isolation") == "run":
+        out += [
+            "All methods ran in one worker process, one after another, each under its own timeout "
+            f"(budget {c.get('budget_s')} s for the run); `-filter` methods ran with "
+            f"HAF_GRAD_FILTER={c['grad_filter']}.",
+            "",
+        ]
     if res.get("note"):
         out += [f"Note: {res['note']}", ""]
     if res["config"].get("reps_note"):
@@ -624,14 +1107,25 @@ def memcheck_verdict(res: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def plot(res: dict[str, Any], path: Path) -> bool:
+    """Bar charts of time and memory per method and block (matplotlib, else a plain PNG from ``benchutil``)."""
+    blocks = res["results"]
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    blocks = res["results"]
+        panels = []
+        for block in blocks:
+            ok = [r for r in block["methods"] if r["status"] == "ok"]
+            s = block["shape"]
+            where = f"b={s['pairs']} t={s['T']} d={s['D']} v={s['V']} {block['regime']}"
+            panels.append((f"{where}: median fwd+bwd ms", [(r["method"], r["time_ms"]) for r in ok]))
+            mem = [(r["method"], r.get("mem", {}).get("peak_above_inputs_mib")) for r in ok]
+            panels.append((f"{where}: peak mib above inputs", mem))
+        title = f"haf loss fwd+bwd, {res['device']['name']}, {res['dtype']}, {res['date'][:10]}"
+        bu.bar_chart_png(path, title, panels)
+        return True
     fig, axes = plt.subplots(len(blocks), 2, figsize=(12, 2.8 * len(blocks) + 0.6), squeeze=False)
     for ax_row, block in zip(axes, blocks):
         ok = [r for r in block["methods"] if r["status"] == "ok"]
@@ -666,16 +1160,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the preset's dtype")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in the workers")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds per worker (per-method isolation, default 3600) or per method (one-process presets: "
+        "default METHOD_TIMEOUTS)",
+    )
+    p.add_argument("--budget", type=float, help="one-process presets: seconds for the whole run (the rest is skipped)")
     p.add_argument("--jobs", type=int, default=1, help="concurrent workers (smoke tests only: spoils timings)")
     p.add_argument("--no-errors", action="store_true", help="skip the float64 reference and the error columns")
     p.add_argument("--out-dir", default=str(bu.RESULTS))
     p.add_argument("--tag", default="", help="extra file-name tag")
+    p.add_argument("--stem", help="file name without extension for the results (instead of <device>-<date>-loss...)")
     p.add_argument("--note", default="", help="free text printed above the tables (e.g. machine load)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine the JSON files of split runs into one")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--suite-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.suite_worker:
+        return suite_worker(json.loads(args.spec))
     if args.worker:
         try:
             bu.emit(worker(json.loads(args.spec)))
@@ -719,6 +1223,7 @@ def save(res: dict[str, Any], args: argparse.Namespace, slug: str, date: str, qu
         res = {**res, "results": list(res["results"])}
     stem = f"{slug}-{date}-loss" + ("" if args.preset in ("cpu", "gpu") else f"-{args.preset}")
     stem += f"-{args.tag}" if args.tag else ""
+    stem = args.stem or stem
     out = Path(args.out_dir)
     bu.write_json(out / f"{stem}.json", res)
     md = to_markdown(res)
@@ -737,7 +1242,8 @@ def save(res: dict[str, Any], args: argparse.Namespace, slug: str, date: str, qu
     if res.get("partial"):
         md = "**Partial result: the run has not finished (or was stopped).**\n\n" + md
     (out / f"{stem}.md").write_text(md)
-    plot(res, out / f"{stem}.png")
+    if not res.get("partial"):
+        plot(res, out / f"{stem}.png")
     if not quiet:
         log(f"wrote {out / stem}.json/.md/.png")
 

@@ -236,3 +236,111 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- PNG without matplotlib
+
+# A 3×5 bitmap font (rows top to bottom, 3 bits each): enough for method names, numbers and units.
+_FONT = {
+    "a": "010101111101101",
+    "b": "110101110101110",
+    "c": "011100100100011",
+    "d": "110101101101110",
+    "e": "111100110100111",
+    "f": "111100110100100",
+    "g": "011100101101011",
+    "h": "101101111101101",
+    "i": "111010010010111",
+    "j": "001001001101010",
+    "k": "101101110101101",
+    "l": "100100100100111",
+    "m": "101111111101101",
+    "n": "110101101101101",
+    "o": "010101101101010",
+    "p": "110101110100100",
+    "q": "010101101110011",
+    "r": "110101110101101",
+    "s": "011100010001110",
+    "t": "111010010010010",
+    "u": "101101101101111",
+    "v": "101101101101010",
+    "w": "101101111111101",
+    "x": "101101010101101",
+    "y": "101101010010010",
+    "z": "111001010100111",
+    "0": "111101101101111",
+    "1": "010110010010111",
+    "2": "110001010100111",
+    "3": "110001010001110",
+    "4": "101101111001001",
+    "5": "111100110001110",
+    "6": "011100111101111",
+    "7": "111001010010010",
+    "8": "111101111101111",
+    "9": "111101111001110",
+    " ": "000000000000000",
+    "-": "000000111000000",
+    ".": "000000000000010",
+    "=": "000111000111000",
+    ":": "000010000010000",
+    "(": "010100100100010",
+    ")": "010001001001010",
+    "/": "001001010100100",
+    ",": "000000000010100",
+    "_": "000000000000111",
+    "+": "000010111010000",
+    "%": "101001010100101",
+    "?": "110001010000010",
+}
+
+
+def bar_chart_png(path: Path, title: str, panels: list[tuple[str, list[tuple[str, float]]]]) -> None:
+    """Write horizontal bar charts as a PNG with only the standard library (when matplotlib is missing).
+
+    ``panels``: ``[(panel title, [(label, value), ...])]``, one bar per label, scaled to the panel's maximum.
+    """
+    import struct
+    import zlib
+
+    scale, label_w, bar_w, row_h = 2, 240, 520, 14
+    width = label_w + bar_w + 120
+    heights = [row_h * (len(rows) + 2) for _, rows in panels]
+    height = 30 + sum(heights)
+    px = bytearray(b"\xff" * (width * height * 3))
+
+    def rect(x0: int, y0: int, w: int, h: int, rgb: tuple[int, int, int]) -> None:
+        for y in range(max(0, y0), min(height, y0 + h)):
+            row = (y * width + max(0, x0)) * 3
+            n = max(0, min(width, x0 + w) - max(0, x0))
+            px[row : row + 3 * n] = bytes(rgb) * n
+
+    def text(x: int, y: int, s: str) -> None:
+        for ch in s.lower():
+            glyph = _FONT.get(ch, _FONT["?"])
+            for r in range(5):
+                for c in range(3):
+                    if glyph[3 * r + c] == "1":
+                        rect(x + c * scale, y + r * scale, scale, scale, (0, 0, 0))
+            x += 4 * scale
+
+    text(6, 8, title[: (width - 12) // (4 * scale)])
+    y = 30
+    colors = [(31, 119, 180), (255, 127, 14)]
+    for k, ((ptitle, rows), h) in enumerate(zip(panels, heights)):
+        text(6, y + 2, ptitle[: (width - 12) // (4 * scale)])
+        top = max([v for _, v in rows if v and v > 0] or [1.0])
+        for j, (label, value) in enumerate(rows):
+            yy = y + row_h * (j + 1) + 2
+            text(6, yy, label[: label_w // (4 * scale) - 1])
+            w = int(bar_w * (value or 0) / top) if value and value > 0 else 0
+            rect(label_w, yy - 1, max(w, 1), row_h - 3, colors[k % 2])
+            text(label_w + w + 6, yy, fmt(float(value)) if value is not None else "-")
+        y += h
+    raw = b"".join(b"\x00" + bytes(px[r * width * 3 : (r + 1) * width * 3]) for r in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)

@@ -1,58 +1,25 @@
 #!/usr/bin/env bash
-# One-command GPU check: the GPU test suite, then the GPU loss benchmark. Installs nothing.
+# One prepared GPU run: the GPU tests, then the loss benchmark, all output into one directory.
 #
-#   bash benchmarks/gpu_suite.sh                # PYTHON=/path/to/python to pick an interpreter
+#   bash benchmarks/gpu_suite.sh OUT_DIR [--wheels DIR] [--budget SECONDS]   # on a CUDA machine, ~8 min
+#   bash benchmarks/gpu_suite.sh OUT_DIR --dry-run                           # CPU, tiny shapes: the plumbing
 #
-# Writes under benchmarks/results/gpu-suite-<date>-<host>/: env.txt (device, versions), pytest.log,
-# pytest-junit.xml, bench.log; bench_loss.py writes its JSON/Markdown into benchmarks/results/ as usual.
-# Exit status: non-zero if the tests or the benchmark failed (both always run).
+# Installs nothing into the interpreter (peer wheels from --wheels go to a temporary --target directory) and
+# needs no build of this package: it runs from the repository root with PYTHONPATH. PYTHON=/path/to/python
+# picks the interpreter (default: .venv/bin/python if present, else python3, else python).
+# Writes gpu-<date>-<device>-{env.txt,pytest.log,pytest-junit.xml,loss.json,loss.md,loss.png,bench.log} into
+# OUT_DIR; see benchmarks/gpu_suite.py and benchmarks/README.md.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 1
+if [ $# -lt 1 ]; then
+    echo "usage: bash benchmarks/gpu_suite.sh OUT_DIR [--dry-run] [--wheels DIR] [--budget SECONDS]" >&2
+    exit 64
+fi
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || command -v python)"; fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET  # real kernels, not the CPU interpreter
-
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_suite: no CUDA device visible to $PY; nothing to do" >&2
-    exit 2
-fi
-OUT="$ROOT/benchmarks/results/gpu-suite-$(date -u +%Y%m%d-%H%M%S)-$(hostname -s 2>/dev/null || echo host)"
-mkdir -p "$OUT"
-
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "python: $PY"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: unavailable"
-    "$PY" - <<'PYEOF'
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
-try:
-    import triton
-    print("triton", triton.__version__)
-except Exception as exc:
-    print("triton unavailable:", exc)
-from haf_kernels import backends
-print("backends", backends.available(), backends.unavailable_reasons())
-PYEOF
-} 2>&1 | tee "$OUT/env.txt"
-
-status=0
-echo "== pytest tests/test_gpu.py"
-"$PY" -m pytest tests/test_gpu.py -m gpu -v -rs --durations=15 --junitxml="$OUT/pytest-junit.xml" 2>&1 | tee "$OUT/pytest.log"
-test_rc=${PIPESTATUS[0]}
-[ "$test_rc" -ne 0 ] && status=$test_rc
-
-echo "== python benchmarks/bench_loss.py --preset gpu"
-"$PY" benchmarks/bench_loss.py --preset gpu 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-[ "$bench_rc" -ne 0 ] && status=$bench_rc
-
-echo "gpu_suite: tests rc=$test_rc, bench rc=$bench_rc; logs in $OUT" | tee -a "$OUT/env.txt"
-exit $status
+exec "$PY" "$ROOT/benchmarks/gpu_suite.py" "$@"
