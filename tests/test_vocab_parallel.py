@@ -209,6 +209,46 @@ def _run_cases(rank: int, world: int, group: dist.ProcessGroup, backend_names: l
                     key = f"fused_haf_loss/{backend}/{str(dtype)[6:]}/{case}/{'3gemm' if gif else 'recompute'}"
                     res["values"][key] = compare(got, ref64, plain, dtype, shard[0], group)
 
+    # ---- sequence_logprobs (forward only, reference models) on the shard
+    sums, counts = hk.sequence_logprobs(hf, wf[shard[0] : shard[0] + shard[1]], yf, vocab_parallel=group)
+    ref_sums, ref_counts = hk.sequence_logprobs(hf, wf, yf, backend="reference")
+    res["values"]["sequence_logprobs"] = {
+        "value": [rel_err(sums, ref_sums), torch_err_bound(0.0, f64)],
+        "counts": [float((counts != ref_counts).sum()), 0.0],
+    }
+
+    # ---- an empty shard: V = 2 over 3 ranks is Shard(0)'s [1, 1, 0]
+    if world == 3:
+        rows2 = [1, 1, 0][rank]
+        y2 = torch.where(yf == -100, yf, yf % 2)
+        w2, b2 = wf[:2], bf[:2]
+        got = []
+        for h_in, w_in, b_in in ((hf, w2[rank : rank + rows2], b2[rank : rank + rows2]), (hf, w2, b2)):
+            hh, ww, bb = leaf(h_in, f64), leaf(w_in, f64), leaf(b_in, f64)
+            vp = group if w_in.shape[0] != 2 else None
+            backend = "cpp" if "cpp" in backend_names else "torch"
+            out = hk.fused_haf_loss(
+                hh,
+                ww,
+                y2,
+                lm_head_bias=bb,
+                beta=0.5,
+                alpha=1.0,
+                grad_in_forward=True,
+                backend=backend,
+                vocab_parallel=vp,
+            )
+            out.loss.backward()
+            got.append((out.loss, hh.grad, ww.grad, bb.grad))
+        (loss, dh, dw, db), (rloss, rdh, rdw, rdb) = got
+        bound = torch_err_bound(0.0, f64)
+        res["values"]["empty_shard"] = {
+            "value": [rel_err(loss, rloss), bound],
+            "dH": [rel_err(dh, rdh), bound],
+            "dW": [rel_err(dw, rdw[rank : rank + rows2]) if rows2 else float(dw.numel()), bound],
+            "db": [rel_err(db, rdb[rank : rank + rows2]) if rows2 else float(db.numel()), bound],
+        }
+
     # ---- shards given out of rank order through vocab_start (rank r holds the shard of rank world-1-r)
     mirrored = layout[world - 1 - rank]
     vp = VocabParallel(group, vocab_start=mirrored[0])
@@ -338,6 +378,17 @@ def test_fused_haf_loss_matches_unsharded_reference(ranks):
 
 def test_vocab_start_in_any_order(ranks):
     _check_values(ranks, "vocab_start_reordered")
+
+
+def test_sequence_logprobs(ranks):
+    _check_values(ranks, "sequence_logprobs")
+
+
+def test_empty_shard(ranks):
+    """A rank may hold no rows (DTensor's ``Shard(0)`` of V = 2 over 3 ranks): it still joins every collective."""
+    if len(ranks) != 3:
+        pytest.skip("the empty shard runs in the 3-rank pass")
+    _check_values(ranks, "empty_shard")
 
 
 def test_dtensor_shard0_head(ranks):
