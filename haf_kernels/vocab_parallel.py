@@ -28,7 +28,7 @@ Plain PyTorch equivalent (what it computes, with ``W = cat(shards)``)::
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,8 +121,8 @@ class ShardedBackend:
             )
         self.NAME = f"{base} (vocab-parallel)"
         self.shard = shard
-        keeps = self.base.CAPABILITIES.keeps_logits
-        self.CAPABILITIES = self.base.CAPABILITIES if keeps else replace(self.base.CAPABILITIES, keeps_logits=False)
+        # the base's declarations hold (kept logits: forward_keep / backward_saved below wrap the base's)
+        self.CAPABILITIES = self.base.CAPABILITIES
 
     # ------------------------------------------------------------------ helpers
     def _local(self, labels: torch.Tensor, opts: LogprobOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,9 +158,8 @@ class ShardedBackend:
             out = fn(h, w, local, b, opts)
             lse_local = out[1].to(f64)
             saved = out[2] if len(out) > 2 else None
-            cols = local
             target = self._column_logits(
-                h, w.index_select(0, cols), None if b is None else b.index_select(0, cols), opts, dt
+                h, w.index_select(0, local), None if b is None else b.index_select(0, local), opts, dt
             )
             target = torch.where(inside, target.to(f64), torch.zeros((), dtype=f64, device=h.device))
         else:  # an empty shard (e.g. DTensor's Shard(0) of a small vocab over many ranks)
