@@ -18,6 +18,7 @@ from .logprobs import FusedPairLossFunction, pair_chunks, token_logprobs
 from .options import LogprobOptions, compute_dtype
 from .validate import check_finite as check_finite_inputs
 from .validate import check_haf_args
+from .vocab_parallel import ShardedBackend, VocabParallel, as_vocab_parallel, checked
 
 
 @dataclass
@@ -71,6 +72,7 @@ def fused_haf_loss(
     backend: str = "auto",
     grad_in_forward: bool | None = None,
     check_finite: bool = False,
+    vocab_parallel: VocabParallel | object | None = None,
 ) -> HafLossOutput:
     """HaF-RM hybrid loss of a concatenated chosen/rejected batch, without full-vocab logits.
 
@@ -112,6 +114,9 @@ def fused_haf_loss(
             ``lm_head_weight``, ``lm_head_bias``, ``rewards``, ``ref_logps`` or ``reward_margin`` holds NaN/Inf
             (``hidden``: at non-ignored tokens only), instead of returning a NaN loss. One extra read of the
             inputs and one host sync; off by default (the training loop turns it on for its first steps).
+        vocab_parallel: ``lm_head_weight`` (and ``lm_head_bias``) is this rank's vocab shard of a tensor-parallel LM
+            head, as in ``linear_logprobs`` (a ``ProcessGroup`` or a ``haf_kernels.vocab_parallel.VocabParallel``).
+            Every rank passes the same other arguments and gets the same loss; the 3-GEMM path runs sharded too.
 
     Plain PyTorch equivalent (materialising logits)::
 
@@ -120,7 +125,10 @@ def fused_haf_loss(
         d = (seq[:B] - ref[:B]) - (seq[B:] - ref[B:])
         loss = reward_weight * -logsigmoid(r[:B] - r[B:] - margin).mean() + alpha * -logsigmoid(beta * d).mean()
     """
-    n_pairs = check_haf_args(
+    vp = as_vocab_parallel(vocab_parallel)
+    n_pairs, shard = checked(
+        vp,
+        check_haf_args,
         hidden,
         lm_head_weight,
         labels,
@@ -141,6 +149,7 @@ def fused_haf_loss(
         logit_scale=logit_scale,
         softcap=softcap,
         ignore_index=ignore_index,
+        vocab_shard=vp is not None,
     )
     if rewards is None and alpha == 0:
         raise ValueError("alpha must be > 0 when rewards is None (otherwise the loss has no term)")
@@ -158,6 +167,7 @@ def fused_haf_loss(
     two_b, seq_len, dim = hidden.shape
     opts = LogprobOptions(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
     name = backends.resolve(backend, dev, hidden.dtype)
+    kernel = name if shard is None else ShardedBackend(name, shard)  # vocab-parallel: the backend over the shard
     plan = objectives.combination(policy_loss, policy_loss_weights)
     params = objectives.ObjectiveParams(beta, label_smoothing, simpo_gamma, discopop_tau)
     averaged = average_log_prob or any(o.length_averaged for o, _ in plan)  # units of ref_logps and the outputs
@@ -214,7 +224,8 @@ def fused_haf_loss(
         use_fused = use_fused and keeps and opts.tuning.grad_in_forward
     else:
         use_fused = use_fused and grad_in_forward
-    chunks = pair_chunks(labels, lm_head_weight.shape[0], ignore_index, opts.tuning) if use_fused else None
+    vocab_rows = lm_head_weight.shape[0] if shard is None else shard.max_rows  # one chunking on every rank
+    chunks = pair_chunks(labels, vocab_rows, ignore_index, opts.tuning) if use_fused else None
     if chunks is None and grad_in_forward is None:
         use_fused = False  # a single pair's logits exceed the budget: recompute in backward instead
     elif chunks is None:
@@ -233,7 +244,7 @@ def fused_haf_loss(
 
     if use_fused:
         policy, seq_sums = FusedPairLossFunction.apply(
-            hidden, lm_head_weight, lm_head_bias, ref, labels, weighted_policy, opts, name, chunks
+            hidden, lm_head_weight, lm_head_bias, ref, labels, weighted_policy, opts, kernel, chunks
         )
         seq_sums = seq_sums.to(dt)
     else:
@@ -246,7 +257,7 @@ def fused_haf_loss(
                 labels.reshape(two_b * seq_len),
                 lm_head_bias,
                 opts,
-                name,
+                kernel,
             )
             seq_sums = tok.view(two_b, seq_len).to(dt).sum(dim=1)
             policy = weighted_policy(seq_sums, ref, torch.arange(n_pairs, device=dev))

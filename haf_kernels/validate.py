@@ -7,13 +7,15 @@ received, so bad input never reaches a kernel.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from . import objectives
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+T = TypeVar("T")
 
 
 class NonFiniteInputError(ValueError):
@@ -41,11 +43,15 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor |
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
 
 
-def check_labels(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """``labels`` must be integer, each in ``[0, vocab)`` or equal to ``ignore_index``."""
+def check_labels(name: str, labels: torch.Tensor, vocab: int | None, ignore_index: int) -> None:
+    """``labels`` must be integer, each in ``[0, vocab)`` or equal to ``ignore_index``.
+
+    ``vocab=None`` checks the dtype only (a vocab-parallel call checks the range against the global vocab size in
+    ``check_vocab_shard``, once the ranks have agreed on it).
+    """
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise TypeError(f"{name} must be an integer tensor (int64/int32), got dtype {labels.dtype}")
-    if labels.numel() == 0:
+    if labels.numel() == 0 or vocab is None:
         return
     valid = labels != ignore_index
     if bool(valid.any()):
@@ -69,8 +75,12 @@ def check_logprob_args(
     *,
     hidden_name: str = "hidden",
     labels_name: str = "labels",
+    vocab_shard: bool = False,
 ) -> None:
-    """Checks for ``linear_logprobs``: hidden [N, D], weight [V, D], labels [N], bias [V]."""
+    """Checks for ``linear_logprobs``: hidden [N, D], weight [V, D], labels [N], bias [V].
+
+    ``vocab_shard``: ``weight`` is one rank's rows of a vocab-parallel LM head, which may be empty (``V = 0``).
+    """
     check_tensor(hidden_name, hidden)
     check_tensor("weight", weight)
     check_tensor(labels_name, labels)
@@ -80,7 +90,7 @@ def check_logprob_args(
         raise ValueError(f"{hidden_name} must be [N, D], got shape {_shape(hidden)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {_shape(weight)}")
-    if weight.shape[0] < 1:
+    if weight.shape[0] < 1 and not vocab_shard:
         raise ValueError(f"weight must have at least one row (vocab V >= 1), got shape {_shape(weight)}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -124,8 +134,13 @@ def check_haf_args(
     logit_scale: float,
     softcap: float | None,
     ignore_index: int,
+    vocab_shard: bool = False,
 ) -> int:
-    """Checks for ``fused_haf_loss``; returns the number of pairs B."""
+    """Checks for ``fused_haf_loss``; returns the number of pairs B.
+
+    ``vocab_shard``: ``weight`` is one rank's rows of a vocab-parallel LM head (may be empty); the labels' range is
+    then checked against the global vocab size by ``check_vocab_shard``.
+    """
     check_tensor("hidden", hidden)
     check_tensor("labels", labels)
     if hidden.dim() != 3:
@@ -145,8 +160,9 @@ def check_haf_args(
         bias,
         logit_scale,
         softcap,
+        vocab_shard=vocab_shard,
     )
-    check_labels("labels", labels, weight.shape[0], ignore_index)
+    check_labels("labels", labels, None if vocab_shard else weight.shape[0], ignore_index)
     n_pairs = hidden.shape[0] // 2
     for name, t in (("rewards", rewards), ("ref_logps", ref_logps)):
         if t is None:
@@ -251,3 +267,118 @@ def check_finite(**named: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | flo
         "; ".join(parts) + " (check_finite=True): the loss would be NaN; check the model's weights and the "
         "batch (e.g. an overflow in fp16 upstream)"
     )
+
+
+def check_vocab_shard(
+    process_group: object,
+    vocab_start: int | None,
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    local_checks: Callable[[], T],
+    *,
+    weight_name: str = "weight",
+) -> tuple[T, list[int], list[int], int]:
+    """Collective checks of a vocab-parallel call; returns ``(local_checks(), starts, rows, rank)``.
+
+    Every rank of ``process_group`` must call it with the same arguments except ``weight`` (its vocab shard
+    ``[V_local, D]``, ``V_local`` may differ and may be 0) and ``vocab_start``. It runs ``local_checks`` (the usual
+    argument checks, which must not look at the labels' range), then one all-gather of 9 int64 per rank: whether
+    the local checks passed, the shard's rows and ``vocab_start``, ``hidden``'s rows, ``D`` and dtype, a hash of the
+    labels and their range. So a bad argument on one rank raises on every rank (that rank: its own error; the others:
+    a ``ValueError`` naming it) instead of leaving the others waiting in a collective.
+
+    ``vocab_start=None`` on every rank: the shards lie in rank order (rank r holds rows
+    ``Σ_{q<r} V_q ... + V_r``, as ``DTensor``'s ``Shard(0)`` and Megatron lay them out). Given on every rank: the
+    shards must tile ``[0, V)`` without gaps or overlaps, in any order. ``starts``/``rows``: per rank of the group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("vocab_parallel needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"vocab_parallel.process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}"
+        )
+    error: Exception | None = None
+    result = None
+    try:
+        result = local_checks()
+        if vocab_start is not None and (
+            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+        ):
+            raise ValueError(f"vocab_parallel.vocab_start must be None or an int >= 0, got {vocab_start!r}")
+    except (ValueError, TypeError) as exc:
+        error = exc
+    backend = str(dist.get_backend(process_group))
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    i64 = torch.iinfo(torch.int64)
+    info = torch.zeros(9, dtype=torch.int64, device=device)
+    if error is None:
+        y = labels.detach().reshape(-1).to(device=device, dtype=torch.int64)
+        valid = y != ignore_index
+        # position-weighted sum (wraps around in int64): equal labels give equal hashes on every rank
+        digest = (y * torch.arange(1, 2 * y.numel() + 1, 2, device=device)).sum()
+        sentinel_lo = torch.tensor([i64.max], device=device)
+        sentinel_hi = torch.tensor([i64.min], device=device)
+        lo = torch.cat([torch.where(valid, y, i64.max), sentinel_lo]).min()
+        hi = torch.cat([torch.where(valid, y, i64.min), sentinel_hi]).max()
+        head = [1, weight.shape[0], -1 if vocab_start is None else vocab_start, y.numel(), hidden.shape[-1]]
+        head.append(FLOAT_DTYPES.index(hidden.dtype))
+        info = torch.cat([torch.tensor(head, dtype=torch.int64, device=device), torch.stack([digest, lo, hi])])
+    world = dist.get_world_size(process_group)
+    gathered = [torch.empty_like(info) for _ in range(world)]
+    dist.all_gather(gathered, info, group=process_group)
+    table = [t.tolist() for t in gathered]
+    rank = dist.get_rank(process_group)
+
+    failed = [r for r in range(world) if table[r][0] != 1]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(
+            f"vocab_parallel: rank(s) {failed} of the process group rejected their arguments (their own error says "
+            f"why); this rank's ({rank}) were valid"
+        )
+    _, rows, starts, tokens, dims, dtypes, digests, lows, highs = (list(col) for col in zip(*table))
+    if len(set(tokens)) > 1 or len(set(dims)) > 1 or len(set(dtypes)) > 1:
+        per_rank = ", ".join(
+            f"rank {r}: {tokens[r]} tokens × D={dims[r]} {str(FLOAT_DTYPES[dtypes[r]]).removeprefix('torch.')}"
+            for r in range(world)
+        )
+        raise ValueError(
+            "vocab_parallel: hidden must have one shape and dtype on every rank of the process group (a vocab-parallel "
+            f"LM head sees the same tokens on each rank); got {per_rank}"
+        )
+    if len(set(digests)) > 1:
+        raise ValueError(
+            "vocab_parallel: labels differ across the ranks of the process group; every rank of a vocab-parallel LM "
+            "head must pass the same hidden rows and labels"
+        )
+    given = [s >= 0 for s in starts]
+    if any(given) and not all(given):
+        raise ValueError(
+            "vocab_parallel.vocab_start must be given on every rank or on none; ranks "
+            f"{[r for r in range(world) if not given[r]]} gave None"
+        )
+    if not any(given):
+        starts = [sum(rows[:r]) for r in range(world)]
+    layout = ", ".join(f"rank {r}: [{starts[r]}, {starts[r] + rows[r]})" for r in range(world))
+    end = 0
+    for r in sorted(range(world), key=lambda q: (starts[q], rows[q])):
+        if starts[r] != end:
+            raise ValueError(
+                f"vocab_parallel: the {weight_name} shards must tile [0, V) without gaps or overlaps; rank {r} "
+                f"starts at vocab_start={starts[r]} but the shards before it end at {end} ({layout})"
+            )
+        end += rows[r]
+    if end < 1:
+        raise ValueError(f"vocab_parallel: every {weight_name} shard is empty (V = 0)")
+    if lows[rank] <= highs[rank] and (lows[rank] < 0 or highs[rank] >= end):
+        bad = lows[rank] if lows[rank] < 0 else highs[rank]
+        raise ValueError(
+            f"labels must be in [0, {end}) (the global vocab size: the sum of the {weight_name} shards' rows, "
+            f"{layout}) or equal ignore_index={ignore_index}; found {bad}"
+        )
+    return result, starts, rows, rank
