@@ -319,6 +319,7 @@ class HafLoss(nn.Module):
         backend: str = "auto",
         grad_in_forward: bool | None = None,
         check_finite: bool = False,
+        vocab_parallel: VocabParallel | object | None = None,
     ) -> None:
         super().__init__()
         self.kwargs = dict(
@@ -338,6 +339,7 @@ class HafLoss(nn.Module):
             backend=backend,
             grad_in_forward=grad_in_forward,
             check_finite=check_finite,
+            vocab_parallel=vocab_parallel,
         )
 
     def forward(

@@ -422,3 +422,15 @@ def test_errors_raise_on_every_rank(ranks):
         else:
             assert "rank(s) [0]" in e["fused_one_rank_bad_rewards"]
         assert e["after"] <= torch_err_bound(0.0, torch.float32) + 1e-6
+
+
+def test_haf_loss_module_passes_vocab_parallel():
+    """``HafLoss(vocab_parallel=...)`` reaches ``fused_haf_loss`` (a bad value is refused there, by name)."""
+    hidden = torch.randn(2 * PAIRS, T, D)
+    weight = torch.randn(V, D)
+    labels = torch.randint(0, V, (2 * PAIRS, T))
+    module = hk.HafLoss(vocab_parallel="not a group")
+    assert "vocab_parallel='not a group'" in repr(module)
+    with pytest.raises(TypeError, match="vocab_parallel must be"):
+        module(hidden, weight, labels, torch.randn(2 * PAIRS))
+    assert hk.VocabParallel is VocabParallel
