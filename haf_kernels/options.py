@@ -38,6 +38,17 @@ class LogprobOptions:
             chunk_t = max(16, budget // max(chunk_v, 1))
         return max(1, min(chunk_t, max(n_tokens, 1))), chunk_v
 
+    def head(self, z: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``cap(scale·(z + bias))``: raw products ``z = h·Wᵀ`` (any shape, last dim V or matching ``bias``) to
+        logits, out of place, in ``z``'s dtype."""
+        if bias is not None:
+            z = z + bias.to(z.dtype)
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
     def vocab_tile(self) -> int | None:
         """``chunk_vocab`` from the arguments, else from the tuning (``None``: the backend's default)."""
         return self.chunk_vocab or self.tuning.chunk_vocab

@@ -138,14 +138,7 @@ class ShardedBackend:
         h: torch.Tensor, w_rows: torch.Tensor, b_rows: torch.Tensor | None, opts: LogprobOptions, dt: torch.dtype
     ) -> torch.Tensor:
         """``z[t] = cap(scale·(h_t·w_rows[t] + b_rows[t]))`` in ``dt``: one logit per token, O(N·D)."""
-        z = torch.einsum("nd,nd->n", h.to(dt), w_rows.to(dt))
-        if b_rows is not None:
-            z = z + b_rows.to(dt)
-        if opts.logit_scale != 1.0:
-            z = z * opts.logit_scale
-        if opts.softcap is not None:
-            z = opts.softcap * torch.tanh(z / opts.softcap)
-        return z
+        return opts.head(torch.einsum("nd,nd->n", h.to(dt), w_rows.to(dt)), b_rows)
 
     def _combine(
         self, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, b: torch.Tensor | None, opts: LogprobOptions, fn

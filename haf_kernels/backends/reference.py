@@ -35,14 +35,7 @@ def why_unavailable() -> str:
 def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, opts: LogprobOptions) -> torch.Tensor:
     """Full logits ``[N, V]`` in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
     dt = compute_dtype(hidden.dtype)
-    z = hidden.to(dt) @ weight.to(dt).T
-    if bias is not None:
-        z = z + bias.to(dt)
-    if opts.logit_scale != 1.0:
-        z = z * opts.logit_scale
-    if opts.softcap is not None:
-        z = opts.softcap * torch.tanh(z / opts.softcap)
-    return z
+    return opts.head(hidden.to(dt) @ weight.to(dt).T, bias)
 
 
 def linear_logprobs(
