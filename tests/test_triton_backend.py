@@ -350,8 +350,9 @@ from triton.compiler import ASTSource
 F = importlib.import_module("haf_kernels.backends.triton.forward")
 B = importlib.import_module("haf_kernels.backends.triton.backward")
 C = importlib.import_module("haf_kernels.backends.triton._common")
+K = importlib.import_module("haf_kernels.backends.triton.keep")
 ONE = {"stride_hd", "stride_wd"}  # what the JIT specialises for contiguous rows
-DIV16 = {"D", "chunk", "stride_hn", "stride_wv", "v_per_split", "v_start", "N", "V"}
+DIV16 = {"D", "chunk", "stride_hn", "stride_wv", "v_per_split", "v_start", "N", "V", "n"}
 FLOAT_ARGS = {"logit_scale", "softcap", "threshold"}
 
 def build(fn, consts, ptr_types, arch, tiles):
@@ -362,7 +363,7 @@ def build(fn, consts, ptr_types, arch, tiles):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and (n.endswith("_ptr") or n in DIV16)}
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
+                       options={"num_warps": tiles.num_warps, "num_stages": getattr(tiles, "num_stages", 3)})
     ttgir = k.asm.get("ttgir", "")
     return {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
             "tensor_cores": "warp_group_dot" in ttgir or "nvidia_mma" in ttgir}
@@ -380,7 +381,9 @@ for arch in (80, 90):
         filt = arch == 90
         ptrs = dict(h_ptr=io, w_ptr=io, b_ptr=io, y_ptr="*i64", max_ptr=acc, sum_ptr=acc, tgt_ptr=acc,
                     g_ptr=acc, lse_ptr=acc, dz_ptr=io, dbp_ptr=acc, flag_ptr="*i8", acc_ptr=acc, out_ptr=io,
-                    gn_ptr=acc, gmax_ptr=acc)
+                    gn_ptr=acc, gmax_ptr=acc, z_ptr=io)
+        rt = K._GPU_ROW_TILES
+        row = dict(HAS_SCALE=True, HAS_SOFTCAP=True, IS_FP64=fp64, BLOCK_R=rt.block_r, BLOCK_V=rt.block_v)
         res = [
             build(F.linear_logprobs_fwd_kernel, dict(flags, BLOCK_N=t.block_n, BLOCK_V=t.block_v,
                   BLOCK_D=t.block_d), ptrs, arch, t),
@@ -391,6 +394,9 @@ for arch in (80, 90):
             build(B.linear_logprobs_bwd_dw_kernel, dict(FILTER=filt, IS_FP64=fp64, DOT_PRECISION=prec,
                   BLOCK_V=t.block_v, BLOCK_K=t.block_n, BLOCK_D=t.block_d_out), ptrs, arch, t),
         ]
+        if arch == 90:  # the keep row kernels: plain loads/stores and reductions, nothing arch-specific
+            res += [build(K.keep_lse_kernel, row, ptrs, arch, rt),
+                    build(K.keep_grad_kernel, dict(row, HAS_BIAS=True), ptrs, arch, rt)]
         for r in res:
             r["dtype"] = dname
         out += res
@@ -427,11 +433,11 @@ def test_kernels_compile_for_sm80_sm90():
             pytest.skip("this Triton's ASTSource signature differs")
         pytest.fail(f"AOT compile failed:\n{err}")
     results = json.loads(line[0][len("AOT-RESULT ") :])
-    assert len(results) == 24  # 4 kernels × sm80/sm90 × bf16/fp32/fp64
+    assert len(results) == 30  # (4 kernels × sm80/sm90 + 2 keep row kernels × sm90) × bf16/fp32/fp64
     for r in results:
         limit = 227 * 1024 if r["arch"] == 90 else 163 * 1024
         assert r["shared"] <= limit, r
-        if r["dtype"] == "bf16":
+        if r["dtype"] == "bf16" and not r["kernel"].startswith("keep_"):  # the keep row kernels have no dot
             assert r["tensor_cores"], r
 
 
