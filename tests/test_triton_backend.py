@@ -476,3 +476,44 @@ def test_tiles_follow_shared_memory_not_major_version(monkeypatch, smem, row):
     assert C._arch(cuda) == row
     tiles = C.tiles_for(torch.bfloat16, cuda, LogprobOptions().tuning)
     assert tiles == C._TABLE[(row, "half")]
+
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize(
+    "free, n, vocab, elem, want",
+    [
+        (80 * GiB, 16384, 128256, 2, 128256),  # 1/8 of 80 GiB → capped at 4 GiB: the whole vocabulary, one chunk
+        (24 * GiB, 16384, 128256, 2, 98304),  # 3 GiB / (16384 · 2 B) = 98304 columns: 2 chunks
+        (2 * GiB, 16384, 128256, 2, 16384),  # 1/8 = 256 MiB → the 512 MiB floor: 16384 columns, 8 chunks
+        (600 * MiB, 16384, 128256, 2, 9600),  # never more than half of what is free: 300 MiB → 9600 columns
+        (None, 16384, 128256, 2, 2048),  # off CUDA: 64 MiB → 2048 columns (the minimum)
+        (None, 100, 50000, 4, 50048),  # off CUDA, small N: 64 MiB holds the whole (tile-rounded) vocabulary
+        (80 * GiB, 8192, 256000, 2, 256000),  # Gemma-2 2B head at N = 8192: one chunk
+    ],
+)
+def test_dz_chunk_from_free_memory(free, n, vocab, elem, want):
+    """The backward's vocab chunk as a pure function of free device memory, N, V and the element size."""
+    from haf_kernels.backends.triton.backward import dz_vocab_chunk
+
+    assert dz_vocab_chunk(n, vocab, elem, 128, free_bytes=free) == want
+
+
+def test_dz_chunk_knob_and_chunk_vocab_override(monkeypatch):
+    """``HAF_TRITON_DZ_MB`` sets the budget whatever the free memory; ``chunk_vocab`` wins over both."""
+    import importlib
+
+    B = importlib.import_module("haf_kernels.backends.triton.backward")  # the module, not the backend's function
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(B, "free_device_bytes", lambda device: 80 * GiB)
+    monkeypatch.delenv("HAF_TRITON_DZ_MB", raising=False)
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 128256
+    monkeypatch.setenv("HAF_TRITON_DZ_MB", "256")
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 8192  # 256 MiB / 32 KiB per column
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(chunk_vocab=1000), cuda) == 896  # whole tiles
+    monkeypatch.setenv("HAF_TRITON_DZ_MB", "1")
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 2048  # never below 2048 columns
+    monkeypatch.undo()
+    assert B.free_device_bytes(torch.device("cpu")) is None  # off CUDA: the small default (2048 columns here)
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), torch.device("cpu")) == 2048

@@ -7,8 +7,9 @@ Plain PyTorch equivalent (for ``dz [N, V]``, which is only ever held one vocab c
     dz = dz * (1 - (z / softcap) ** 2) * logit_scale       # chain rule of softcap and scale
     dhidden, dweight, dbias = dz @ weight, dz.T @ hidden, dz.sum(0)
 
-Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``dz`` fits the chunk budget,
-``HAF_TRITON_DZ_MB``, default 64 MiB, but at least 2048 columns; ``chunk_vocab`` overrides):
+Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``dz`` fits the chunk budget: on CUDA
+1/8 of the free device memory, 512 MiB to 4 GiB; 64 MiB off CUDA; ``HAF_TRITON_DZ_MB`` sets it; at least 2048
+columns; ``chunk_vocab`` overrides; see :func:`dz_vocab_chunk`):
 
 1. ``linear_logprobs_bwd_dlogits_kernel`` — grid token tiles × vocab tiles of the chunk (grouped order):
    recomputes the logits tile (``tl.dot`` over D), forms ``s = (onehot − p)·chain`` in fp32 and writes it in the
@@ -41,7 +42,16 @@ import triton
 import triton.language as tl
 
 from ...options import LogprobOptions, compute_dtype
-from ._common import Tiles, _grouped_pid, _logits_tile, device_guard, dot_precision, group_rows, tiles_for
+from ._common import (
+    Tiles,
+    _grouped_pid,
+    _logits_tile,
+    device_guard,
+    dot_precision,
+    group_rows,
+    interpreting,
+    tiles_for,
+)
 
 
 @triton.jit
@@ -329,22 +339,68 @@ def grad_filter_threshold(opts: LogprobOptions) -> float | None:
 
 
 _MIN_CHUNK = 2048  # below this the fp32 dH read-modify-write between chunks (8·N·D bytes) starts to dominate
+DZ_FREE_FRACTION = 8  # on CUDA the dz chunk may take 1/8 of the free device memory ...
+DZ_MIN_BYTES = 512 << 20  # ... but at least 512 MiB (≥ 16384 bf16 columns at N = 16384: dH RMW ≤ 2% of the GEMMs)
+DZ_MAX_BYTES = 4 << 30  # ... and at most 4 GiB (the whole vocabulary of N = 16384 × V = 128256 in bf16)
+DZ_OFF_CUDA_BYTES = 64 << 20  # CPU / interpreter: small
 
 
-def _vocab_chunk(n: int, vocab: int, elem_bytes: int, block_v: int, opts: LogprobOptions) -> int:
-    """Vocab columns of ``dz`` held at once.
+def dz_budget_bytes(free_bytes: int | None, dz_mb: int | None = None) -> int:
+    """Bytes one vocab chunk of ``dz`` may take.
 
-    ``opts.vocab_tile()`` (``chunk_vocab``, ``HAF_CHUNK_VOCAB``) if set; else what fits ``tuning.triton_dz_mb``
-    (``HAF_TRITON_DZ_MB``), but at least
-    ``_MIN_CHUNK`` columns: each chunk costs one fp32 read+write of the ``[N, D]`` dH accumulator against
-    ``6·N·C·D`` flops, so ``C ≥ 2048`` keeps that traffic to a small fraction of the GEMM time.
+    ``dz_mb`` (``HAF_TRITON_DZ_MB``) wins when set. Else, with ``free_bytes`` (free device memory, CUDA): 1/8 of it,
+    at least ``DZ_MIN_BYTES`` (512 MiB), at most ``DZ_MAX_BYTES`` (4 GiB), and never more than half of it.
+    Without (``None``: CPU, interpreter): ``DZ_OFF_CUDA_BYTES`` (64 MiB).
     """
-    if opts.vocab_tile():
-        c = opts.vocab_tile()
+    if dz_mb is not None:
+        return int(dz_mb) << 20
+    if free_bytes is None:
+        return DZ_OFF_CUDA_BYTES
+    budget = min(max(free_bytes // DZ_FREE_FRACTION, DZ_MIN_BYTES), DZ_MAX_BYTES)
+    return max(1, min(budget, free_bytes // 2))
+
+
+def dz_vocab_chunk(
+    n: int,
+    vocab: int,
+    elem_bytes: int,
+    block_v: int,
+    *,
+    free_bytes: int | None,
+    dz_mb: int | None = None,
+    chunk_vocab: int | None = None,
+) -> int:
+    """Vocab columns of ``dz [n, C]`` held at once by the backward (a pure function of its arguments).
+
+    ``chunk_vocab`` (``HAF_CHUNK_VOCAB``) if set; else the columns that fit :func:`dz_budget_bytes` (``n·elem_bytes``
+    per column), but at least ``_MIN_CHUNK``: each chunk costs one fp32 read+write of the ``[N, D]`` dH accumulator
+    against ``6·N·C·D`` flops, so ``C ≥ 2048`` keeps that traffic to a fraction of the GEMM time (``C ≥ 16384``:
+    ~2% on an H100). Rounded down to whole ``block_v`` tiles (at least one), at most the whole vocabulary.
+    """
+    if chunk_vocab:
+        c = chunk_vocab
     else:
-        c = max((opts.tuning.triton_dz_mb << 20) // max(1, n * elem_bytes), _MIN_CHUNK)
-    c = max(block_v, (c // block_v) * block_v)  # whole tiles, at least one
+        c = max(dz_budget_bytes(free_bytes, dz_mb) // max(1, n * elem_bytes), _MIN_CHUNK)
+    c = max(block_v, (c // block_v) * block_v)
     return min(c, triton.cdiv(vocab, block_v) * block_v)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA ``device`` as this process can use it (driver-free + torch's cached, unused blocks);
+    ``None`` off CUDA and in the interpreter."""
+    if device.type != "cuda" or interpreting():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _vocab_chunk(n: int, vocab: int, elem_bytes: int, block_v: int, opts: LogprobOptions, device: torch.device) -> int:
+    """:func:`dz_vocab_chunk` for ``opts`` (``chunk_vocab``, ``HAF_TRITON_DZ_MB``) and the free memory of ``device``."""
+    chunk_vocab = opts.vocab_tile()
+    free = None if chunk_vocab or opts.tuning.triton_dz_mb is not None else free_device_bytes(device)
+    return dz_vocab_chunk(
+        n, vocab, elem_bytes, block_v, free_bytes=free, dz_mb=opts.tuning.triton_dz_mb, chunk_vocab=chunk_vocab
+    )
 
 
 def linear_logprobs_bwd(
@@ -400,7 +456,7 @@ def linear_logprobs_bwd(
     gemm_dtype = hidden.dtype  # dz is stored in the inputs' dtype so both GEMMs run on tensor cores
 
     n_tt = triton.cdiv(n, t.block_n)
-    chunk = _vocab_chunk(n, vocab, gemm_dtype.itemsize, t.block_v, opts)
+    chunk = _vocab_chunk(n, vocab, gemm_dtype.itemsize, t.block_v, opts, dev)
     n_chunks = triton.cdiv(vocab, chunk)
     n_vt = chunk // t.block_v
     dz = torch.empty(n, chunk, dtype=gemm_dtype, device=dev)
