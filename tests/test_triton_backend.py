@@ -517,3 +517,39 @@ def test_dz_chunk_knob_and_chunk_vocab_override(monkeypatch):
     monkeypatch.undo()
     assert B.free_device_bytes(torch.device("cpu")) is None  # off CUDA: the small default (2048 columns here)
     assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), torch.device("cpu")) == 2048
+
+
+@pytest.mark.parametrize(
+    "n_regs, num_warps, shared, limits, want",
+    [
+        (255, 8, 0, {}, 1),  # 255 regs × 256 threads = the whole 64K-register file
+        (232, 8, 0, {}, 1),  # 232 → 7424 regs per warp: 8 warps fit, one CTA of 8
+        (232, 4, 0, {}, 2),
+        (128, 4, 0, {}, 4),  # 4096 regs per warp → 16 warps → 4 CTAs of 4
+        (32, 4, 0, {}, 16),  # thread limit: 2048 / 128
+        (32, 1, 0, {}, 32),  # CTA limit
+        (64, 4, 100 * 1024, {}, 2),  # shared memory: 228 KiB / (100 KiB + 1 KiB reserved)
+        (64, 4, 96 * 1024, dict(smem_per_sm=167936), 1),  # A100: 164 KiB per SM
+        (168, 8, 0, dict(regs_per_sm=32768), 1),  # never 0: a compiled kernel fits at least once
+    ],
+)
+def test_ctas_per_sm(n_regs, num_warps, shared, limits, want):
+    from haf_kernels.backends.triton._common import SmLimits, ctas_per_sm
+
+    assert ctas_per_sm(n_regs, num_warps, shared, SmLimits(**limits)) == want
+
+
+def test_forward_grid_from_occupancy(monkeypatch):
+    """The forward's vocab splits fill ``resident CTAs × SMs``; off CUDA / in the interpreter the assumption (2)."""
+    import importlib
+
+    C = importlib.import_module("haf_kernels.backends.triton._common")
+    F = importlib.import_module("haf_kernels.backends.triton.forward")
+    assert C.resident_ctas(F.linear_logprobs_fwd_kernel, tuple, {}, torch.device("cpu"), ("k",)) == 2
+    monkeypatch.setattr(F, "interpreting", lambda: False)
+    monkeypatch.setattr(F, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert F._choose_splits(128, 1002, cuda, ctas_per_sm=1) == 2  # 132 programs over 128 token tiles
+    assert F._choose_splits(128, 1002, cuda, ctas_per_sm=2) == 3
+    assert F._choose_splits(1, 1002, cuda, ctas_per_sm=1) == 132  # reference scoring: one token tile
+    assert F._choose_splits(1, 40, cuda, ctas_per_sm=4) == 40  # never more splits than vocab tiles
