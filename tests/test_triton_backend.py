@@ -366,7 +366,8 @@ def build(fn, consts, ptr_types, arch, tiles):
                        options={"num_warps": tiles.num_warps, "num_stages": getattr(tiles, "num_stages", 3)})
     ttgir = k.asm.get("ttgir", "")
     return {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
-            "tensor_cores": "warp_group_dot" in ttgir or "nvidia_mma" in ttgir}
+            "tensor_cores": "warp_group_dot" in ttgir or "nvidia_mma" in ttgir,
+            "filter": consts.get("FILTER", False), "pipelined": "async_copy_global_to_local" in ttgir}
 
 out = []
 for arch in (80, 90):
@@ -381,7 +382,7 @@ for arch in (80, 90):
         filt = arch == 90
         ptrs = dict(h_ptr=io, w_ptr=io, b_ptr=io, y_ptr="*i64", max_ptr=acc, sum_ptr=acc, tgt_ptr=acc,
                     g_ptr=acc, lse_ptr=acc, dz_ptr=io, dbp_ptr=acc, flag_ptr="*i8", acc_ptr=acc, out_ptr=io,
-                    gn_ptr=acc, gmax_ptr=acc, z_ptr=io)
+                    gn_ptr=acc, gmax_ptr=acc, z_ptr=io, list_ptr="*i32", cnt_ptr="*i32")
         rt = K._GPU_ROW_TILES
         row = dict(HAS_SCALE=True, HAS_SOFTCAP=True, IS_FP64=fp64, BLOCK_R=rt.block_r, BLOCK_V=rt.block_v)
         res = [
@@ -439,6 +440,10 @@ def test_kernels_compile_for_sm80_sm90():
         assert r["shared"] <= limit, r
         if r["dtype"] == "bf16" and not r["kernel"].startswith("keep_"):  # the keep row kernels have no dot
             assert r["tensor_cores"], r
+        if r["dtype"] == "bf16" and r["kernel"].endswith(("_dh_kernel", "_dw_kernel")):
+            # the K loops are software-pipelined (async copies), with gradient filtering too (sm90 builds use
+            # FILTER=True): the filtered loops walk lists of kept tiles instead of branching inside the loop
+            assert r["pipelined"], r
 
 
 @pytest.mark.parametrize("g_scale", [1e-4, 6e-4])
@@ -553,3 +558,71 @@ def test_forward_grid_from_occupancy(monkeypatch):
     assert F._choose_splits(128, 1002, cuda, ctas_per_sm=2) == 3
     assert F._choose_splits(1, 1002, cuda, ctas_per_sm=1) == 132  # reference scoring: one token tile
     assert F._choose_splits(1, 40, cuda, ctas_per_sm=4) == 40  # never more splits than vocab tiles
+
+
+def test_kept_tile_lists():
+    """Kept columns first, in increasing order, and their count, per row (what the filtered K loops walk)."""
+    from haf_kernels.backends.triton.backward import kept_tile_lists
+
+    flags = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.int8)
+    lists, counts = kept_tile_lists(flags)
+    assert counts.tolist() == [3, 0, 5] and lists.dtype == counts.dtype == torch.int32
+    assert lists[0, :3].tolist() == [1, 3, 4] and lists[2].tolist() == [0, 1, 2, 3, 4]
+    lists_t, counts_t = kept_tile_lists(flags.T)
+    assert counts_t.tolist() == [1, 2, 1, 2, 2] and lists_t[1, :2].tolist() == [0, 2]
+
+
+@pytest.fixture
+def tile_census(monkeypatch):
+    """Record (kept, total) tiles of every ``kept_tile_lists`` call of the backward."""
+    import importlib
+
+    B = importlib.import_module("haf_kernels.backends.triton.backward")
+    real, seen = B.kept_tile_lists, []
+
+    def census(flags):
+        lists, counts = real(flags)
+        seen.append((int(counts.sum()), flags.numel()))
+        return lists, counts
+
+    monkeypatch.setattr(B, "kept_tile_lists", census)
+    return seen
+
+
+def test_filtered_gradients_within_the_threshold_bound(nan_empty, tile_census):
+    """Filtering skips tiles (the census shows it) and moves dH / dW by no more than the threshold allows: a skipped
+    tile has every |s| ≤ thr, so |ΔdH[t, :]| ≤ thr·|g_t|·Σ_v |W[v, :]| and |ΔdW[v, :]| ≤ thr·Σ_t |g_t|·|H[t, :]|.
+    Three vocab chunks, the last one narrower than the others (its flag columns must not be read stale)."""
+    n, v, d, thr = 40, 80, 16, 2e-3
+    opts = LogprobOptions(chunk_vocab=64)  # chunks of 2 tiles (interpreter BLOCK_V = 32): [0, 64), [64, 80)
+    hidden, weight, labels, b = make_inputs(n, v, d, torch.float32, bias=True)
+    b[40:] -= 8.0  # small but not negligible probabilities from column 40 on: the last tile of each chunk ...
+    labels = labels % 32  # ... holds no target, so those tiles fall under the threshold (tile [32, 64) does not)
+    grad = torch.randn(n, device=DEVICE)
+    _, lse = linear_logprobs_fwd(hidden, weight, labels, b, opts)
+    off = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts)
+    on = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts, grad_filter=thr)
+    kept = sum(k for k, _ in tile_census[::2])  # the dH lists (the dW lists hold the same tiles, transposed)
+    total = sum(t for _, t in tile_census[::2])
+    assert 0 < kept < total, tile_census
+    dh_bound = thr * grad.abs()[:, None] * weight.abs().sum(0)[None, :]
+    dw_bound = thr * (grad.abs()[:, None] * hidden.abs()).sum(0)[None, :]
+    slack = 1e-6
+    assert ((on[0] - off[0]).abs() <= dh_bound + slack * off[0].abs().max()).all()
+    assert ((on[1] - off[1]).abs() <= dw_bound + slack * off[1].abs().max()).all()
+    assert torch.equal(on[2], off[2])  # dbias is never filtered
+    assert not torch.equal(on[0], off[0])  # something was skipped
+
+
+def test_filter_that_must_not_skip_is_exact(nan_empty, tile_census):
+    """A threshold below every |onehot − p| keeps every tile: bitwise the unfiltered gradients."""
+    n, v, d = 24, 80, 16
+    opts = LogprobOptions(chunk_vocab=64)
+    hidden, weight, labels, b = make_inputs(n, v, d, torch.float32, bias=True)
+    grad = torch.randn(n, device=DEVICE)
+    _, lse = linear_logprobs_fwd(hidden, weight, labels, b, opts)
+    off = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts)
+    on = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts, grad_filter=1e-30)
+    assert tile_census and all(k == t for k, t in tile_census)
+    for a, c in zip(on, off):
+        assert torch.equal(a, c)

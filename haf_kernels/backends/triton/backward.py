@@ -17,6 +17,9 @@ columns; ``chunk_vocab`` overrides; see :func:`dz_vocab_chunk`):
    ``g·p`` falls below fp16's smallest subnormal, while ``s`` does not. It writes per-tile column sums of ``g·s``
    for ``dbias`` (fp32, summed over token tiles by torch). With gradient filtering it also writes a flag per tile:
    0 when every ``|s|`` is at most the threshold (the tile is then not stored and the two GEMMs below skip it).
+   Torch turns the flags into lists of kept tiles (``kept_tile_lists``: per token tile its kept vocab tiles, per
+   vocab tile its kept token tiles), so each GEMM's K loop runs over exactly its kept tiles with no branch inside
+   (Triton can pipeline it), as Cut Cross-Entropy's filtering skips tiles.
 2. ``linear_logprobs_bwd_dh_kernel`` — grid token tiles × D tiles (grouped order), loop over the chunk's
    vocab: ``acc[rows, d] (+)= s[rows, chunk] · W[chunk, d]``; fp32 accumulator in registers, added to an fp32
    ``[N, D]`` buffer between chunks; after the last chunk ``dH = g[rows] · acc`` in fp32, cast once to the input
@@ -200,14 +203,15 @@ def linear_logprobs_bwd_dh_kernel(
     w_ptr,  # [V, D] weight (strided)
     acc_ptr,  # [N, D] fp32 running dH (read if ACCUMULATE, written unless FINAL)
     out_ptr,  # [N, D] dH in the input dtype (written if FINAL)
-    flag_ptr,  # [token tiles, vocab tiles of C] tile flags (FILTER only)
+    list_ptr,  # [token tiles, list_stride] int32: kept vocab tiles of each token tile, in order (FILTER only)
+    cnt_ptr,  # [token tiles] int32: how many (FILTER only)
     g_ptr,  # [N] upstream gradient, applied per row at FINAL (fp32 / fp64)
     N,
     D,
     v_start,
     width,  # valid columns of this chunk
     chunk,
-    n_flag_cols,
+    list_stride,
     group,
     stride_wv,
     stride_wd,
@@ -233,18 +237,18 @@ def linear_logprobs_bwd_dh_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64 if IS_FP64 else tl.float32)
     a_row = dz_ptr + rows.to(tl.int64)[:, None] * chunk
-    for kt in range(0, tl.cdiv(width, BLOCK_K)):
-        k = kt * BLOCK_K + offs_k
-        k_ok = k < width
-        if FILTER:
-            keep = tl.load(flag_ptr + pid_n * n_flag_cols + kt) != 0
-            if keep:
-                acc = _dh_tile_step(
-                    acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
-                )
-        else:
+    if FILTER:  # walk this token tile's list of kept vocab tiles: no branch inside the (pipelined) K loop
+        for i in range(0, tl.load(cnt_ptr + pid_n)):
+            kt = tl.load(list_ptr + pid_n * list_stride + i)
+            k = kt * BLOCK_K + offs_k
             acc = _dh_tile_step(
-                acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
+                acc, a_row, w_ptr, k, k < width, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
+            )
+    else:
+        for kt in range(0, tl.cdiv(width, BLOCK_K)):
+            k = kt * BLOCK_K + offs_k
+            acc = _dh_tile_step(
+                acc, a_row, w_ptr, k, k < width, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
             )
     if FINAL:
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
@@ -259,7 +263,8 @@ def linear_logprobs_bwd_dw_kernel(
     dz_ptr,  # [N, C] dlogits of the chunk (contiguous, row stride C)
     h_ptr,  # [N, D] hidden (strided)
     out_ptr,  # [V, D] dW in the input dtype (contiguous); rows v_start .. v_start+width written
-    flag_ptr,  # [token tiles, vocab tiles of C] tile flags (FILTER only)
+    list_ptr,  # [vocab tiles of C, list_stride] int32: kept token tiles of each vocab tile, in order (FILTER only)
+    cnt_ptr,  # [vocab tiles of C] int32: how many (FILTER only)
     gn_ptr,  # [N] g / gmax (|·| ≤ 1)
     gmax_ptr,  # [1] gmax = max |g| (fp32 / fp64)
     N,
@@ -267,7 +272,7 @@ def linear_logprobs_bwd_dw_kernel(
     v_start,
     width,
     chunk,
-    n_flag_cols,
+    list_stride,
     stride_hn,
     stride_hd,
     FILTER: tl.constexpr,
@@ -285,48 +290,34 @@ def linear_logprobs_bwd_dw_kernel(
     v_ok = local < width
     d_ok = dd < D
     acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float64 if IS_FP64 else tl.float32)
-    for kt in range(0, tl.cdiv(N, BLOCK_K)):
-        tok = kt * BLOCK_K + offs_k
-        t_ok = tok < N
-        if FILTER:
-            keep = tl.load(flag_ptr + kt * n_flag_cols + pid_v) != 0
-            if keep:
-                acc = _dw_tile_step(
-                    acc,
-                    dz_ptr,
-                    h_ptr,
-                    gn_ptr,
-                    tok,
-                    t_ok,
-                    local,
-                    v_ok,
-                    dd,
-                    d_ok,
-                    chunk,
-                    stride_hn,
-                    stride_hd,
-                    DOT_PRECISION,
-                )
-        else:
+    if FILTER:  # walk this vocab tile's list of kept token tiles: no branch inside the (pipelined) K loop
+        for i in range(0, tl.load(cnt_ptr + pid_v)):
+            kt = tl.load(list_ptr + pid_v * list_stride + i)
+            tok = kt * BLOCK_K + offs_k
             acc = _dw_tile_step(
-                acc,
-                dz_ptr,
-                h_ptr,
-                gn_ptr,
-                tok,
-                t_ok,
-                local,
-                v_ok,
-                dd,
-                d_ok,
-                chunk,
-                stride_hn,
-                stride_hd,
+                acc, dz_ptr, h_ptr, gn_ptr, tok, tok < N, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd,
                 DOT_PRECISION,
-            )
+            )  # fmt: skip
+    else:
+        for kt in range(0, tl.cdiv(N, BLOCK_K)):
+            tok = kt * BLOCK_K + offs_k
+            acc = _dw_tile_step(
+                acc, dz_ptr, h_ptr, gn_ptr, tok, tok < N, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd,
+                DOT_PRECISION,
+            )  # fmt: skip
     acc = acc * tl.load(gmax_ptr).to(acc.dtype)
     out_off = (v_start + local).to(tl.int64)[:, None] * D + dd[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=v_ok[:, None] & d_ok[None, :])
+
+
+def kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flags [R, C]`` (non-zero: keep), the kept column indices first, in increasing order, and their
+    count: ``(lists [R, C] int32, counts [R] int32)``. Built on the device with a stable sort (no host sync), once per
+    chunk, so the GEMM kernels loop over exactly the kept tiles instead of branching on a flag per K step."""
+    keep = flags != 0
+    counts = keep.sum(dim=1, dtype=torch.int32)
+    lists = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+    return lists.contiguous(), counts.contiguous()
 
 
 def grad_filter_threshold(opts: LogprobOptions) -> float | None:
@@ -509,6 +500,11 @@ def linear_logprobs_bwd(
             )
             if need_b:
                 db[v_start : v_start + width] = dbp[:, :width].sum(dim=0).to(db.dtype)
+            if use_filter:  # this chunk's flags [token tiles, n_cols] → kept-tile lists for each GEMM
+                dh_list, dh_cnt = kept_tile_lists(flags[:, :n_cols])
+                dw_list, dw_cnt = kept_tile_lists(flags[:, :n_cols].T)
+            else:
+                dh_list = dh_cnt = dw_list = dw_cnt = flags  # unused dummies
             if need_h:
                 final = ci == n_chunks - 1
                 n_dt = triton.cdiv(d, t.block_d_out)
@@ -517,14 +513,15 @@ def linear_logprobs_bwd(
                     weight,
                     dh_acc if dh_acc is not None else dh,
                     dh,
-                    flags,
+                    dh_list,
+                    dh_cnt,
                     g,
                     n,
                     d,
                     v_start,
                     width,
                     chunk,
-                    n_vt,
+                    n_cols,
                     group_rows(n_tt, n_dt, dev, opts.tuning),
                     weight.stride(0),
                     weight.stride(1),
@@ -544,7 +541,8 @@ def linear_logprobs_bwd(
                     dz,
                     hidden,
                     dw,
-                    flags,
+                    dw_list,
+                    dw_cnt,
                     gn,
                     gmax,
                     n,
@@ -552,7 +550,7 @@ def linear_logprobs_bwd(
                     v_start,
                     width,
                     chunk,
-                    n_vt,
+                    n_tt,
                     hidden.stride(0),
                     hidden.stride(1),
                     FILTER=use_filter,
