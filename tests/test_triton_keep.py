@@ -354,3 +354,13 @@ def test_triton_declares_keep_logits():
     caps = backends.capabilities("triton")
     assert caps.keeps_logits
     assert callable(tb.forward_keep) and callable(tb.backward_saved)
+
+
+def test_out_dtype_gemm_falls_back(nan_empty, monkeypatch):
+    """Where ``torch.mm(..., out_dtype=float32)`` is rejected (as this CPU build does; a GPU build may too), the
+    half-input GEMMs fall back once, for good, to a product in the input dtype added in fp32 — same results."""
+    monkeypatch.setattr(keep_mod, "_NO_OUT_DTYPE", [])
+    monkeypatch.setattr(keep_mod, "_out_dtype_ok", lambda device, dtype: not keep_mod._NO_OUT_DTYPE)
+    monkeypatch.setattr(keep_mod, "_SLICE_BYTES", 64 * 12 * 2)  # several row slices in the fallback dW
+    check_keep(9, 200, 12, torch.float16, bias=True, accumulate=True)
+    assert keep_mod._NO_OUT_DTYPE  # the out_dtype path was tried and given up

@@ -27,6 +27,10 @@ the fp32 softmax). What that costs, measured in the interpreter on fp16 inputs a
 logits up to |22|): log-probs 1.1e-4 relative error (the recompute kernels, which never round the logits: 5e-8),
 dH / dW 5.4e-4 (recompute: 2–3e-4) — the same as plain PyTorch in fp16. bf16 rounds 8× coarser.
 
+Gradient filtering (``HAF_GRAD_FILTER``) applies to the recompute backward only: the vendor GEMMs here always do
+the full work. Chunks come from ``logprobs.pair_chunks`` (``HAF_KEEP_CHUNK_MB``); on a GPU they must hold thousands
+of tokens or the fp32 dW read-modify-write per chunk dominates (``benchmarks/roofline_triton.md``).
+
 Plain PyTorch equivalent::
 
     z = (hidden @ weight.T + bias) * logit_scale; z = softcap * tanh(z / softcap)
