@@ -8,12 +8,13 @@ Three GEMMs per chunk of ``n`` tokens (``torch.mm`` / ``torch.addmm``: cuBLAS on
 
 and two memory-bound Triton passes over ``z``:
 
-1. ``keep_lse_kernel`` — grid row blocks × vocab splits: applies ``logit_scale`` / ``softcap`` in place (only when
-   set; a bias is added by the GEMM's epilogue), keeps a running (max, sum-exp) per row and picks the target logit.
+1. ``keep_lse_kernel`` — grid row blocks × vocab splits, reads ``z`` only: applies ``logit_scale`` / ``softcap`` in
+   fp32 (a bias is added by the GEMM's epilogue), keeps a running (max, sum-exp) per row and picks the target logit.
    Splits are combined by a few torch ops (``[splits, n]``).
-2. ``keep_grad_kernel`` — grid vocab tiles × row splits: turns ``z`` into ``s = (onehot − p)·chain`` in place,
-   *unscaled* by the upstream gradient ``g`` (``chain`` = ``(1 − (z/c)²)·logit_scale``, the softcap and scale
-   derivatives, from the kept capped logits), and writes fp32 column sums of ``g·s`` for ``dbias``.
+2. ``keep_grad_kernel`` — grid vocab tiles × row splits: applies scale / softcap again in fp32 (recomputing a tanh
+   costs less than a pass over ``z``, and the derivative ``1 − tanh²`` comes from the unrounded tanh), turns ``z``
+   into ``s = (onehot − p)·chain`` in place, *unscaled* by the upstream gradient ``g`` (``chain`` =
+   ``(1 − tanh²(u/c))·logit_scale``), and writes fp32 column sums of ``g·s`` for ``dbias``.
 
 Why ``s`` is stored unscaled: at the HaF loss's real upstream gradient (α·β·σ/B ≈ 1e-4) ``g·p`` of a softmax entry
 of ~1/V falls below fp16's smallest subnormal; ``s`` does not. ``g`` enters in fp32: ``dH``'s rows are scaled after
@@ -71,7 +72,7 @@ def row_tiles(device: torch.device) -> RowTiles:
 
 @triton.jit
 def keep_lse_kernel(
-    z_ptr,  # [n, V] kept logits (contiguous), transformed in place when TRANSFORM
+    z_ptr,  # [n, V] kept raw logits h·Wᵀ (+ b), contiguous; read only
     y_ptr,  # [n] labels
     max_ptr,  # [S, n] out: running max of each split
     sum_ptr,  # [S, n] out: sum of exp(z - max) of each split
@@ -110,9 +111,6 @@ def keep_lse_kernel(
             z = z * logit_scale
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
-        if HAS_SCALE or HAS_SOFTCAP:
-            tl.store(ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
-            z = z.to(z_ptr.dtype.element_ty).to(acc_ty)  # the softmax of exactly what the backward will read
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -129,7 +127,7 @@ def keep_lse_kernel(
 
 @triton.jit
 def keep_grad_kernel(
-    z_ptr,  # [n, V] kept (transformed) logits, overwritten with s = (onehot - p)·chain
+    z_ptr,  # [n, V] kept raw logits, overwritten with s = (onehot - p)·chain
     y_ptr,  # [n] labels
     lse_ptr,  # [n] log-sum-exp (fp32 / fp64)
     g_ptr,  # [n] upstream gradient (HAS_BIAS only: column sums of g·s)
@@ -162,10 +160,14 @@ def keep_grad_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         ptrs = z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :]
         z = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
+        if HAS_SCALE:
+            z = z * logit_scale
+        if HAS_SOFTCAP:
+            zc = _tanh(z / softcap)
+            z = softcap * zc
         s = (cols[None, :] == y[:, None]).to(acc_ty) - tl.exp(z - lse[:, None])
         if HAS_SOFTCAP:
-            zc = z / softcap
-            s = s * (1.0 - zc * zc)
+            s = s * (1.0 - zc * zc)  # d(c·tanh(u/c))/du from the unrounded tanh, in fp32
         if HAS_SCALE:
             s = s * logit_scale
         s = tl.where(live[:, None], s, 0.0)
@@ -249,8 +251,8 @@ def keep_forward(
     """``(logp [n], lse [n], z [n, V])``: one GEMM makes the logits, ``keep_lse_kernel`` the rest.
 
     ``hidden [n, D]``, ``weight [V, D]`` (same dtype), ``labels [n]``, ``bias [V]``. ``logp``/``lse`` fp32 (fp64 for
-    fp64), ``logp`` 0 where ``labels == ignore_index``; ``z`` holds the scaled, soft-capped logits in
-    :func:`keep_dtype` for :func:`keep_backward` (which overwrites it).
+    fp64), ``logp`` 0 where ``labels == ignore_index``; ``z`` holds the raw logits ``h·Wᵀ + b`` (before scale and
+    softcap) in :func:`keep_dtype` for :func:`keep_backward` (which overwrites it).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, D] and weight [V, D]; got {list(hidden.shape)} and {list(weight.shape)}")
