@@ -65,7 +65,8 @@ KNOBS: tuple[Knob, ...] = (
         "triton_dz_mb",
         "HAF_TRITON_DZ_MB",
         "int",
-        "MiB of one vocab chunk of dlogits in the Triton backward (default 64, at least 2048 columns)",
+        "MiB of one vocab chunk of dlogits in the Triton recompute backward (unset: 1/8 of free CUDA memory, "
+        "512 MiB to 4 GiB, at most half of it; 64 off CUDA; at least 2048 columns either way)",
     ),
     Knob(
         "grad_filter",
@@ -96,7 +97,7 @@ class Tuning:
     triton_tiles: tuple[int, ...] | None = None
     triton_group: int | None = None
     triton_fp32_dot: str = "ieee"
-    triton_dz_mb: int = 64
+    triton_dz_mb: int | None = None
     grad_filter: float = 0.0
     autotune: bool = False
 

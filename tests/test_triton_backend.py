@@ -350,8 +350,9 @@ from triton.compiler import ASTSource
 F = importlib.import_module("haf_kernels.backends.triton.forward")
 B = importlib.import_module("haf_kernels.backends.triton.backward")
 C = importlib.import_module("haf_kernels.backends.triton._common")
+K = importlib.import_module("haf_kernels.backends.triton.keep")
 ONE = {"stride_hd", "stride_wd"}  # what the JIT specialises for contiguous rows
-DIV16 = {"D", "chunk", "stride_hn", "stride_wv", "v_per_split", "v_start", "N", "V"}
+DIV16 = {"D", "chunk", "stride_hn", "stride_wv", "v_per_split", "v_start", "N", "V", "n"}
 FLOAT_ARGS = {"logit_scale", "softcap", "threshold"}
 
 def build(fn, consts, ptr_types, arch, tiles):
@@ -362,10 +363,11 @@ def build(fn, consts, ptr_types, arch, tiles):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and (n.endswith("_ptr") or n in DIV16)}
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
+                       options={"num_warps": tiles.num_warps, "num_stages": getattr(tiles, "num_stages", 3)})
     ttgir = k.asm.get("ttgir", "")
     return {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
-            "tensor_cores": "warp_group_dot" in ttgir or "nvidia_mma" in ttgir}
+            "tensor_cores": "warp_group_dot" in ttgir or "nvidia_mma" in ttgir,
+            "filter": consts.get("FILTER", False), "pipelined": "async_copy_global_to_local" in ttgir}
 
 out = []
 for arch in (80, 90):
@@ -380,7 +382,9 @@ for arch in (80, 90):
         filt = arch == 90
         ptrs = dict(h_ptr=io, w_ptr=io, b_ptr=io, y_ptr="*i64", max_ptr=acc, sum_ptr=acc, tgt_ptr=acc,
                     g_ptr=acc, lse_ptr=acc, dz_ptr=io, dbp_ptr=acc, flag_ptr="*i8", acc_ptr=acc, out_ptr=io,
-                    gn_ptr=acc, gmax_ptr=acc)
+                    gn_ptr=acc, gmax_ptr=acc, z_ptr=io, list_ptr="*i32", cnt_ptr="*i32")
+        rt = K._GPU_ROW_TILES
+        row = dict(HAS_SCALE=True, HAS_SOFTCAP=True, IS_FP64=fp64, BLOCK_R=rt.block_r, BLOCK_V=rt.block_v)
         res = [
             build(F.linear_logprobs_fwd_kernel, dict(flags, BLOCK_N=t.block_n, BLOCK_V=t.block_v,
                   BLOCK_D=t.block_d), ptrs, arch, t),
@@ -391,6 +395,9 @@ for arch in (80, 90):
             build(B.linear_logprobs_bwd_dw_kernel, dict(FILTER=filt, IS_FP64=fp64, DOT_PRECISION=prec,
                   BLOCK_V=t.block_v, BLOCK_K=t.block_n, BLOCK_D=t.block_d_out), ptrs, arch, t),
         ]
+        if arch == 90:  # the keep row kernels: plain loads/stores and reductions, nothing arch-specific
+            res += [build(K.keep_lse_kernel, row, ptrs, arch, rt),
+                    build(K.keep_grad_kernel, dict(row, HAS_BIAS=True), ptrs, arch, rt)]
         for r in res:
             r["dtype"] = dname
         out += res
@@ -427,12 +434,16 @@ def test_kernels_compile_for_sm80_sm90():
             pytest.skip("this Triton's ASTSource signature differs")
         pytest.fail(f"AOT compile failed:\n{err}")
     results = json.loads(line[0][len("AOT-RESULT ") :])
-    assert len(results) == 24  # 4 kernels × sm80/sm90 × bf16/fp32/fp64
+    assert len(results) == 30  # (4 kernels × sm80/sm90 + 2 keep row kernels × sm90) × bf16/fp32/fp64
     for r in results:
         limit = 227 * 1024 if r["arch"] == 90 else 163 * 1024
         assert r["shared"] <= limit, r
-        if r["dtype"] == "bf16":
+        if r["dtype"] == "bf16" and not r["kernel"].startswith("keep_"):  # the keep row kernels have no dot
             assert r["tensor_cores"], r
+        if r["dtype"] == "bf16" and r["kernel"].endswith(("_dh_kernel", "_dw_kernel")):
+            # the K loops are software-pipelined (async copies), with gradient filtering too (sm90 builds use
+            # FILTER=True): the filtered loops walk lists of kept tiles instead of branching inside the loop
+            assert r["pipelined"], r
 
 
 @pytest.mark.parametrize("g_scale", [1e-4, 6e-4])
@@ -470,3 +481,148 @@ def test_tiles_follow_shared_memory_not_major_version(monkeypatch, smem, row):
     assert C._arch(cuda) == row
     tiles = C.tiles_for(torch.bfloat16, cuda, LogprobOptions().tuning)
     assert tiles == C._TABLE[(row, "half")]
+
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize(
+    "free, n, vocab, elem, want",
+    [
+        (80 * GiB, 16384, 128256, 2, 128256),  # 1/8 of 80 GiB → capped at 4 GiB: the whole vocabulary, one chunk
+        (24 * GiB, 16384, 128256, 2, 98304),  # 3 GiB / (16384 · 2 B) = 98304 columns: 2 chunks
+        (2 * GiB, 16384, 128256, 2, 16384),  # 1/8 = 256 MiB → the 512 MiB floor: 16384 columns, 8 chunks
+        (600 * MiB, 16384, 128256, 2, 9600),  # never more than half of what is free: 300 MiB → 9600 columns
+        (None, 16384, 128256, 2, 2048),  # off CUDA: 64 MiB → 2048 columns (the minimum)
+        (None, 100, 50000, 4, 50048),  # off CUDA, small N: 64 MiB holds the whole (tile-rounded) vocabulary
+        (80 * GiB, 8192, 256000, 2, 256000),  # Gemma-2 2B head at N = 8192: one chunk
+    ],
+)
+def test_dz_chunk_from_free_memory(free, n, vocab, elem, want):
+    """The backward's vocab chunk as a pure function of free device memory, N, V and the element size."""
+    from haf_kernels.backends.triton.backward import dz_vocab_chunk
+
+    assert dz_vocab_chunk(n, vocab, elem, 128, free_bytes=free) == want
+
+
+def test_dz_chunk_knob_and_chunk_vocab_override(monkeypatch):
+    """``HAF_TRITON_DZ_MB`` sets the budget whatever the free memory; ``chunk_vocab`` wins over both."""
+    import importlib
+
+    B = importlib.import_module("haf_kernels.backends.triton.backward")  # the module, not the backend's function
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(B, "free_device_bytes", lambda device: 80 * GiB)
+    monkeypatch.delenv("HAF_TRITON_DZ_MB", raising=False)
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 128256
+    monkeypatch.setenv("HAF_TRITON_DZ_MB", "256")
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 8192  # 256 MiB / 32 KiB per column
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(chunk_vocab=1000), cuda) == 896  # whole tiles
+    monkeypatch.setenv("HAF_TRITON_DZ_MB", "1")
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 2048  # never below 2048 columns
+    monkeypatch.undo()
+    assert B.free_device_bytes(torch.device("cpu")) is None  # off CUDA: the small default (2048 columns here)
+    assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), torch.device("cpu")) == 2048
+
+
+@pytest.mark.parametrize(
+    "n_regs, num_warps, shared, limits, want",
+    [
+        (255, 8, 0, {}, 1),  # 255 regs × 256 threads = the whole 64K-register file
+        (232, 8, 0, {}, 1),  # 232 → 7424 regs per warp: 8 warps fit, one CTA of 8
+        (232, 4, 0, {}, 2),
+        (128, 4, 0, {}, 4),  # 4096 regs per warp → 16 warps → 4 CTAs of 4
+        (32, 4, 0, {}, 16),  # thread limit: 2048 / 128
+        (32, 1, 0, {}, 32),  # CTA limit
+        (64, 4, 100 * 1024, {}, 2),  # shared memory: 228 KiB / (100 KiB + 1 KiB reserved)
+        (64, 4, 96 * 1024, dict(smem_per_sm=167936), 1),  # A100: 164 KiB per SM
+        (168, 8, 0, dict(regs_per_sm=32768), 1),  # never 0: a compiled kernel fits at least once
+    ],
+)
+def test_ctas_per_sm(n_regs, num_warps, shared, limits, want):
+    from haf_kernels.backends.triton._common import SmLimits, ctas_per_sm
+
+    assert ctas_per_sm(n_regs, num_warps, shared, SmLimits(**limits)) == want
+
+
+def test_forward_grid_from_occupancy(monkeypatch):
+    """The forward's vocab splits fill ``resident CTAs × SMs``; off CUDA / in the interpreter the assumption (2)."""
+    import importlib
+
+    C = importlib.import_module("haf_kernels.backends.triton._common")
+    F = importlib.import_module("haf_kernels.backends.triton.forward")
+    assert C.resident_ctas(F.linear_logprobs_fwd_kernel, tuple, {}, torch.device("cpu"), ("k",)) == 2
+    monkeypatch.setattr(F, "interpreting", lambda: False)
+    monkeypatch.setattr(F, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert F._choose_splits(128, 1002, cuda, ctas_per_sm=1) == 2  # 132 programs over 128 token tiles
+    assert F._choose_splits(128, 1002, cuda, ctas_per_sm=2) == 3
+    assert F._choose_splits(1, 1002, cuda, ctas_per_sm=1) == 132  # reference scoring: one token tile
+    assert F._choose_splits(1, 40, cuda, ctas_per_sm=4) == 40  # never more splits than vocab tiles
+
+
+def test_kept_tile_lists():
+    """Kept columns first, in increasing order, and their count, per row (what the filtered K loops walk)."""
+    from haf_kernels.backends.triton.backward import kept_tile_lists
+
+    flags = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.int8)
+    lists, counts = kept_tile_lists(flags)
+    assert counts.tolist() == [3, 0, 5] and lists.dtype == counts.dtype == torch.int32
+    assert lists[0, :3].tolist() == [1, 3, 4] and lists[2].tolist() == [0, 1, 2, 3, 4]
+    lists_t, counts_t = kept_tile_lists(flags.T)
+    assert counts_t.tolist() == [1, 2, 1, 2, 2] and lists_t[1, :2].tolist() == [0, 2]
+
+
+@pytest.fixture
+def tile_census(monkeypatch):
+    """Record (kept, total) tiles of every ``kept_tile_lists`` call of the backward."""
+    import importlib
+
+    B = importlib.import_module("haf_kernels.backends.triton.backward")
+    real, seen = B.kept_tile_lists, []
+
+    def census(flags):
+        lists, counts = real(flags)
+        seen.append((int(counts.sum()), flags.numel()))
+        return lists, counts
+
+    monkeypatch.setattr(B, "kept_tile_lists", census)
+    return seen
+
+
+def test_filtered_gradients_within_the_threshold_bound(nan_empty, tile_census):
+    """Filtering skips tiles (the census shows it) and moves dH / dW by no more than the threshold allows: a skipped
+    tile has every |s| ≤ thr, so |ΔdH[t, :]| ≤ thr·|g_t|·Σ_v |W[v, :]| and |ΔdW[v, :]| ≤ thr·Σ_t |g_t|·|H[t, :]|.
+    Three vocab chunks, the last one narrower than the others (its flag columns must not be read stale)."""
+    n, v, d, thr = 40, 80, 16, 2e-3
+    opts = LogprobOptions(chunk_vocab=64)  # chunks of 2 tiles (interpreter BLOCK_V = 32): [0, 64), [64, 80)
+    hidden, weight, labels, b = make_inputs(n, v, d, torch.float32, bias=True)
+    b[40:] -= 8.0  # small but not negligible probabilities from column 40 on: the last tile of each chunk ...
+    labels = labels % 32  # ... holds no target, so those tiles fall under the threshold (tile [32, 64) does not)
+    grad = torch.randn(n, device=DEVICE)
+    _, lse = linear_logprobs_fwd(hidden, weight, labels, b, opts)
+    off = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts)
+    on = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts, grad_filter=thr)
+    kept = sum(k for k, _ in tile_census[::2])  # the dH lists (the dW lists hold the same tiles, transposed)
+    total = sum(t for _, t in tile_census[::2])
+    assert 0 < kept < total, tile_census
+    dh_bound = thr * grad.abs()[:, None] * weight.abs().sum(0)[None, :]
+    dw_bound = thr * (grad.abs()[:, None] * hidden.abs()).sum(0)[None, :]
+    slack = 1e-6
+    assert ((on[0] - off[0]).abs() <= dh_bound + slack * off[0].abs().max()).all()
+    assert ((on[1] - off[1]).abs() <= dw_bound + slack * off[1].abs().max()).all()
+    assert torch.equal(on[2], off[2])  # dbias is never filtered
+    assert not torch.equal(on[0], off[0])  # something was skipped
+
+
+def test_filter_that_must_not_skip_is_exact(nan_empty, tile_census):
+    """A threshold below every |onehot − p| keeps every tile: bitwise the unfiltered gradients."""
+    n, v, d = 24, 80, 16
+    opts = LogprobOptions(chunk_vocab=64)
+    hidden, weight, labels, b = make_inputs(n, v, d, torch.float32, bias=True)
+    grad = torch.randn(n, device=DEVICE)
+    _, lse = linear_logprobs_fwd(hidden, weight, labels, b, opts)
+    off = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts)
+    on = linear_logprobs_bwd(grad, hidden, weight, labels, b, lse, opts, grad_filter=1e-30)
+    assert tile_census and all(k == t for k, t in tile_census)
+    for a, c in zip(on, off):
+        assert torch.equal(a, c)

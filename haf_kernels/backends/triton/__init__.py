@@ -1,11 +1,15 @@
 """Triton backend of ``linear_logprobs``: the fast path on CUDA tensors (CPU under ``TRITON_INTERPRET=1``).
 
-Kernels live in ``forward.py`` (tiled logits, online log-sum-exp, vocab splits for small N) and
-``backward.py`` (recompute + dlogits per vocab chunk, then dH and dW GEMMs); tile tables in ``_common.py``.
-This module is the backend protocol of ``haf_kernels.backends``::
+Kernels live in ``forward.py`` (tiled logits, online log-sum-exp, vocab splits for small N),
+``backward.py`` (recompute + dlogits per vocab chunk, then dH and dW GEMMs) and ``keep.py`` (the whole-loss path:
+vendor GEMMs on one kept chunk of logits plus two Triton row kernels, 3 GEMMs instead of 4); tile tables in
+``_common.py``. This module is the backend protocol of ``haf_kernels.backends``::
 
     forward(hidden[N, D], weight[V, D], labels[N], bias[V] | None, opts) -> (logp[N], lse[N])
     backward(grad_logp[N], hidden, weight, labels, bias, lse, opts, needs) -> (dhidden, dweight, dbias)
+    forward_keep(hidden, weight, labels, bias, opts) -> (logp, lse, kept logits)
+    backward_saved(kept, grad_logp, hidden, weight, labels, bias, lse, opts, needs, dw_acc, db_acc)
+        -> (dhidden, dweight fp32, dbias fp32)
 
 Environment: ``HAF_AUTOTUNE=1`` autotunes the forward tiles (never in the interpreter);
 ``HAF_GRAD_FILTER=<threshold>`` turns on gradient filtering in the backward (off by default);
@@ -32,6 +36,7 @@ CAPABILITIES = Capabilities(
     "float16/float32 inputs, or backend='cpp' / 'torch' on CPU (bf16 runs correctly on a GPU)"
     if _INTERPRETING
     else "",
+    keeps_logits=True,
     grad_filter=True,
     determinism="bitwise run to run (no atomics)",
 )
@@ -46,6 +51,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 if not _IMPORT_ERROR:
     from .backward import grad_filter_threshold, linear_logprobs_bwd
     from .forward import linear_logprobs_fwd
+    from .keep import keep_backward, keep_forward
 
 __all__ = [
     "NAME",
@@ -54,6 +60,8 @@ __all__ = [
     "why_unavailable",
     "forward",
     "backward",
+    "forward_keep",
+    "backward_saved",
     "linear_logprobs_fwd",
     "linear_logprobs_bwd",
     "grad_filter_threshold",
@@ -100,3 +108,35 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dhidden, dweight, dbias)`` in the inputs' dtypes, ``None`` where ``needs`` is False."""
     return linear_logprobs_bwd(grad_logp, hidden, weight, labels, bias, lse, opts, needs)
+
+
+def forward_keep(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogprobOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp [N], lse [N], z [N, V])``: like ``forward``, keeping the logits for ``backward_saved`` (one GEMM)."""
+    return keep_forward(hidden, weight, labels, bias, opts)
+
+
+def backward_saved(
+    saved: torch.Tensor,
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    opts: LogprobOptions,
+    needs: tuple[bool, bool, bool],
+    dw_acc: torch.Tensor | None = None,
+    db_acc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients from the logits kept by ``forward_keep`` (two GEMMs, ``saved`` overwritten).
+
+    ``dhidden`` in ``hidden``'s dtype; ``dweight`` / ``dbias`` in the accumulation dtype (fp32, fp64 for fp64),
+    added in place into ``dw_acc`` / ``db_acc`` when given.
+    """
+    return keep_backward(saved, grad_logp, hidden, weight, labels, bias, lse, opts, needs, dw_acc, db_acc)

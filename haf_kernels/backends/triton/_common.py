@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,76 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+ASSUMED_CTAS_PER_SM = 2  # when the compiled kernel's resources are unknown (interpreter, CPU, an old Triton)
+
+
+@dataclass(frozen=True)
+class SmLimits:
+    """Per-SM resources that bound how many CTAs of one kernel are resident at once (defaults: H100 / sm_90)."""
+
+    regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    smem_per_sm: int = 233472  # 228 KiB (A100: 167936 = 164 KiB)
+    max_ctas_per_sm: int = 32
+    warp_size: int = 32
+    reg_alloc_unit: int = 256  # registers are allocated per warp in units of 256 (8 per thread)
+    smem_reserved_per_cta: int = 1024  # sm_80 and later reserve 1 KiB of shared memory per CTA
+
+
+def ctas_per_sm(n_regs: int, num_warps: int, shared_bytes: int, limits: SmLimits = SmLimits()) -> int:
+    """CTAs of one kernel resident per SM (at least 1): the least of the register, thread, shared-memory and CTA
+    limits.
+
+    ``n_regs``: registers per thread of the compiled kernel; ``num_warps``: warps per CTA; ``shared_bytes``: its
+    shared memory (``metadata.shared``). E.g. 255 registers × 256 threads on a 64K-register SM → 1; 128 registers ×
+    128 threads → 4. Spilled registers live in local memory and do not change the count.
+    """
+    regs_per_warp = triton.cdiv(max(1, n_regs) * limits.warp_size, limits.reg_alloc_unit) * limits.reg_alloc_unit
+    by_regs = (limits.regs_per_sm // regs_per_warp) // max(1, num_warps)
+    by_threads = limits.max_threads_per_sm // (max(1, num_warps) * limits.warp_size)
+    by_smem = limits.smem_per_sm // (shared_bytes + limits.smem_reserved_per_cta) if shared_bytes > 0 else 1 << 30
+    return max(1, min(by_regs, by_threads, by_smem, limits.max_ctas_per_sm))
+
+
+def sm_limits(device: torch.device) -> SmLimits:
+    """``SmLimits`` of a CUDA ``device`` from torch's device properties (defaults where an attribute is missing)."""
+    props = torch.cuda.get_device_properties(device)
+    base = SmLimits()
+    return SmLimits(
+        regs_per_sm=int(getattr(props, "regs_per_multiprocessor", base.regs_per_sm) or base.regs_per_sm),
+        max_threads_per_sm=int(getattr(props, "max_threads_per_multi_processor", 0) or base.max_threads_per_sm),
+        smem_per_sm=int(getattr(props, "shared_memory_per_multiprocessor", 0) or base.smem_per_sm),
+        warp_size=int(getattr(props, "warp_size", 0) or base.warp_size),
+    )
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_ctas(
+    kernel: triton.JITFunction, make_args: Callable[[], tuple], kwargs: dict, device: torch.device, key: tuple
+) -> int:
+    """CTAs/SM of ``kernel`` compiled for ``make_args()`` / ``kwargs`` on ``device`` (cached under ``key``).
+
+    Compiles without launching (``warmup``), loads the binary to read ``n_regs`` (Triton 3.x fills it on load) and
+    ``metadata.shared`` / ``metadata.num_warps``, and applies :func:`ctas_per_sm` with the device's limits. Off CUDA,
+    in the interpreter, or when any of that is unavailable: ``ASSUMED_CTAS_PER_SM``.
+    """
+    if interpreting() or device.type != "cuda":
+        return ASSUMED_CTAS_PER_SM
+    full_key = (device.index, *key)
+    if full_key not in _RESIDENT:
+        try:
+            compiled = kernel.warmup(*make_args(), grid=(1,), **kwargs)
+            compiled._init_handles()
+            meta = compiled.metadata
+            n_regs = int(compiled.n_regs)
+            _RESIDENT[full_key] = ctas_per_sm(n_regs, int(meta.num_warps), int(meta.shared), sm_limits(device))
+        except Exception:  # an older/newer Triton without these fields: the previous assumption
+            _RESIDENT[full_key] = ASSUMED_CTAS_PER_SM
+    return _RESIDENT[full_key]
 
 
 def group_rows(n_rows: int, n_cols: int, device: torch.device, tuning: Tuning) -> int:

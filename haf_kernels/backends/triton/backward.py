@@ -7,8 +7,9 @@ Plain PyTorch equivalent (for ``dz [N, V]``, which is only ever held one vocab c
     dz = dz * (1 - (z / softcap) ** 2) * logit_scale       # chain rule of softcap and scale
     dhidden, dweight, dbias = dz @ weight, dz.T @ hidden, dz.sum(0)
 
-Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``dz`` fits the chunk budget,
-``HAF_TRITON_DZ_MB``, default 64 MiB, but at least 2048 columns; ``chunk_vocab`` overrides):
+Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``dz`` fits the chunk budget: on CUDA
+1/8 of the free device memory, 512 MiB to 4 GiB; 64 MiB off CUDA; ``HAF_TRITON_DZ_MB`` sets it; at least 2048
+columns; ``chunk_vocab`` overrides; see :func:`dz_vocab_chunk`):
 
 1. ``linear_logprobs_bwd_dlogits_kernel`` — grid token tiles × vocab tiles of the chunk (grouped order):
    recomputes the logits tile (``tl.dot`` over D), forms ``s = (onehot − p)·chain`` in fp32 and writes it in the
@@ -16,6 +17,9 @@ Three kernels per vocab chunk ``[v0, v0 + C)`` (``C`` chosen so the chunk of ``d
    ``g·p`` falls below fp16's smallest subnormal, while ``s`` does not. It writes per-tile column sums of ``g·s``
    for ``dbias`` (fp32, summed over token tiles by torch). With gradient filtering it also writes a flag per tile:
    0 when every ``|s|`` is at most the threshold (the tile is then not stored and the two GEMMs below skip it).
+   Torch turns the flags into lists of kept tiles (``kept_tile_lists``: per token tile its kept vocab tiles, per
+   vocab tile its kept token tiles), so each GEMM's K loop runs over exactly its kept tiles with no branch inside
+   (Triton can pipeline it), as Cut Cross-Entropy's filtering skips tiles.
 2. ``linear_logprobs_bwd_dh_kernel`` — grid token tiles × D tiles (grouped order), loop over the chunk's
    vocab: ``acc[rows, d] (+)= s[rows, chunk] · W[chunk, d]``; fp32 accumulator in registers, added to an fp32
    ``[N, D]`` buffer between chunks; after the last chunk ``dH = g[rows] · acc`` in fp32, cast once to the input
@@ -41,7 +45,16 @@ import triton
 import triton.language as tl
 
 from ...options import LogprobOptions, compute_dtype
-from ._common import Tiles, _grouped_pid, _logits_tile, device_guard, dot_precision, group_rows, tiles_for
+from ._common import (
+    Tiles,
+    _grouped_pid,
+    _logits_tile,
+    device_guard,
+    dot_precision,
+    group_rows,
+    interpreting,
+    tiles_for,
+)
 
 
 @triton.jit
@@ -190,14 +203,15 @@ def linear_logprobs_bwd_dh_kernel(
     w_ptr,  # [V, D] weight (strided)
     acc_ptr,  # [N, D] fp32 running dH (read if ACCUMULATE, written unless FINAL)
     out_ptr,  # [N, D] dH in the input dtype (written if FINAL)
-    flag_ptr,  # [token tiles, vocab tiles of C] tile flags (FILTER only)
+    list_ptr,  # [token tiles, list_stride] int32: kept vocab tiles of each token tile, in order (FILTER only)
+    cnt_ptr,  # [token tiles] int32: how many (FILTER only)
     g_ptr,  # [N] upstream gradient, applied per row at FINAL (fp32 / fp64)
     N,
     D,
     v_start,
     width,  # valid columns of this chunk
     chunk,
-    n_flag_cols,
+    list_stride,
     group,
     stride_wv,
     stride_wd,
@@ -223,18 +237,18 @@ def linear_logprobs_bwd_dh_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64 if IS_FP64 else tl.float32)
     a_row = dz_ptr + rows.to(tl.int64)[:, None] * chunk
-    for kt in range(0, tl.cdiv(width, BLOCK_K)):
-        k = kt * BLOCK_K + offs_k
-        k_ok = k < width
-        if FILTER:
-            keep = tl.load(flag_ptr + pid_n * n_flag_cols + kt) != 0
-            if keep:
-                acc = _dh_tile_step(
-                    acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
-                )
-        else:
+    if FILTER:  # walk this token tile's list of kept vocab tiles: no branch inside the (pipelined) K loop
+        for i in range(0, tl.load(cnt_ptr + pid_n)):
+            kt = tl.load(list_ptr + pid_n * list_stride + i)
+            k = kt * BLOCK_K + offs_k
             acc = _dh_tile_step(
-                acc, a_row, w_ptr, k, k_ok, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
+                acc, a_row, w_ptr, k, k < width, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
+            )
+    else:
+        for kt in range(0, tl.cdiv(width, BLOCK_K)):
+            k = kt * BLOCK_K + offs_k
+            acc = _dh_tile_step(
+                acc, a_row, w_ptr, k, k < width, row_ok, dd, d_ok, v_start, stride_wv, stride_wd, DOT_PRECISION
             )
     if FINAL:
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
@@ -249,7 +263,8 @@ def linear_logprobs_bwd_dw_kernel(
     dz_ptr,  # [N, C] dlogits of the chunk (contiguous, row stride C)
     h_ptr,  # [N, D] hidden (strided)
     out_ptr,  # [V, D] dW in the input dtype (contiguous); rows v_start .. v_start+width written
-    flag_ptr,  # [token tiles, vocab tiles of C] tile flags (FILTER only)
+    list_ptr,  # [vocab tiles of C, list_stride] int32: kept token tiles of each vocab tile, in order (FILTER only)
+    cnt_ptr,  # [vocab tiles of C] int32: how many (FILTER only)
     gn_ptr,  # [N] g / gmax (|·| ≤ 1)
     gmax_ptr,  # [1] gmax = max |g| (fp32 / fp64)
     N,
@@ -257,7 +272,7 @@ def linear_logprobs_bwd_dw_kernel(
     v_start,
     width,
     chunk,
-    n_flag_cols,
+    list_stride,
     stride_hn,
     stride_hd,
     FILTER: tl.constexpr,
@@ -275,48 +290,34 @@ def linear_logprobs_bwd_dw_kernel(
     v_ok = local < width
     d_ok = dd < D
     acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float64 if IS_FP64 else tl.float32)
-    for kt in range(0, tl.cdiv(N, BLOCK_K)):
-        tok = kt * BLOCK_K + offs_k
-        t_ok = tok < N
-        if FILTER:
-            keep = tl.load(flag_ptr + kt * n_flag_cols + pid_v) != 0
-            if keep:
-                acc = _dw_tile_step(
-                    acc,
-                    dz_ptr,
-                    h_ptr,
-                    gn_ptr,
-                    tok,
-                    t_ok,
-                    local,
-                    v_ok,
-                    dd,
-                    d_ok,
-                    chunk,
-                    stride_hn,
-                    stride_hd,
-                    DOT_PRECISION,
-                )
-        else:
+    if FILTER:  # walk this vocab tile's list of kept token tiles: no branch inside the (pipelined) K loop
+        for i in range(0, tl.load(cnt_ptr + pid_v)):
+            kt = tl.load(list_ptr + pid_v * list_stride + i)
+            tok = kt * BLOCK_K + offs_k
             acc = _dw_tile_step(
-                acc,
-                dz_ptr,
-                h_ptr,
-                gn_ptr,
-                tok,
-                t_ok,
-                local,
-                v_ok,
-                dd,
-                d_ok,
-                chunk,
-                stride_hn,
-                stride_hd,
+                acc, dz_ptr, h_ptr, gn_ptr, tok, tok < N, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd,
                 DOT_PRECISION,
-            )
+            )  # fmt: skip
+    else:
+        for kt in range(0, tl.cdiv(N, BLOCK_K)):
+            tok = kt * BLOCK_K + offs_k
+            acc = _dw_tile_step(
+                acc, dz_ptr, h_ptr, gn_ptr, tok, tok < N, local, v_ok, dd, d_ok, chunk, stride_hn, stride_hd,
+                DOT_PRECISION,
+            )  # fmt: skip
     acc = acc * tl.load(gmax_ptr).to(acc.dtype)
     out_off = (v_start + local).to(tl.int64)[:, None] * D + dd[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=v_ok[:, None] & d_ok[None, :])
+
+
+def kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flags [R, C]`` (non-zero: keep), the kept column indices first, in increasing order, and their
+    count: ``(lists [R, C] int32, counts [R] int32)``. Built on the device with a stable sort (no host sync), once per
+    chunk, so the GEMM kernels loop over exactly the kept tiles instead of branching on a flag per K step."""
+    keep = flags != 0
+    counts = keep.sum(dim=1, dtype=torch.int32)
+    lists = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+    return lists.contiguous(), counts.contiguous()
 
 
 def grad_filter_threshold(opts: LogprobOptions) -> float | None:
@@ -329,22 +330,68 @@ def grad_filter_threshold(opts: LogprobOptions) -> float | None:
 
 
 _MIN_CHUNK = 2048  # below this the fp32 dH read-modify-write between chunks (8·N·D bytes) starts to dominate
+DZ_FREE_FRACTION = 8  # on CUDA the dz chunk may take 1/8 of the free device memory ...
+DZ_MIN_BYTES = 512 << 20  # ... but at least 512 MiB (≥ 16384 bf16 columns at N = 16384: dH RMW ≤ 2% of the GEMMs)
+DZ_MAX_BYTES = 4 << 30  # ... and at most 4 GiB (the whole vocabulary of N = 16384 × V = 128256 in bf16)
+DZ_OFF_CUDA_BYTES = 64 << 20  # CPU / interpreter: small
 
 
-def _vocab_chunk(n: int, vocab: int, elem_bytes: int, block_v: int, opts: LogprobOptions) -> int:
-    """Vocab columns of ``dz`` held at once.
+def dz_budget_bytes(free_bytes: int | None, dz_mb: int | None = None) -> int:
+    """Bytes one vocab chunk of ``dz`` may take.
 
-    ``opts.vocab_tile()`` (``chunk_vocab``, ``HAF_CHUNK_VOCAB``) if set; else what fits ``tuning.triton_dz_mb``
-    (``HAF_TRITON_DZ_MB``), but at least
-    ``_MIN_CHUNK`` columns: each chunk costs one fp32 read+write of the ``[N, D]`` dH accumulator against
-    ``6·N·C·D`` flops, so ``C ≥ 2048`` keeps that traffic to a small fraction of the GEMM time.
+    ``dz_mb`` (``HAF_TRITON_DZ_MB``) wins when set. Else, with ``free_bytes`` (free device memory, CUDA): 1/8 of it,
+    at least ``DZ_MIN_BYTES`` (512 MiB), at most ``DZ_MAX_BYTES`` (4 GiB), and never more than half of it.
+    Without (``None``: CPU, interpreter): ``DZ_OFF_CUDA_BYTES`` (64 MiB).
     """
-    if opts.vocab_tile():
-        c = opts.vocab_tile()
+    if dz_mb is not None:
+        return int(dz_mb) << 20
+    if free_bytes is None:
+        return DZ_OFF_CUDA_BYTES
+    budget = min(max(free_bytes // DZ_FREE_FRACTION, DZ_MIN_BYTES), DZ_MAX_BYTES)
+    return max(1, min(budget, free_bytes // 2))
+
+
+def dz_vocab_chunk(
+    n: int,
+    vocab: int,
+    elem_bytes: int,
+    block_v: int,
+    *,
+    free_bytes: int | None,
+    dz_mb: int | None = None,
+    chunk_vocab: int | None = None,
+) -> int:
+    """Vocab columns of ``dz [n, C]`` held at once by the backward (a pure function of its arguments).
+
+    ``chunk_vocab`` (``HAF_CHUNK_VOCAB``) if set; else the columns that fit :func:`dz_budget_bytes` (``n·elem_bytes``
+    per column), but at least ``_MIN_CHUNK``: each chunk costs one fp32 read+write of the ``[N, D]`` dH accumulator
+    against ``6·N·C·D`` flops, so ``C ≥ 2048`` keeps that traffic to a fraction of the GEMM time (``C ≥ 16384``:
+    ~2% on an H100). Rounded down to whole ``block_v`` tiles (at least one), at most the whole vocabulary.
+    """
+    if chunk_vocab:
+        c = chunk_vocab
     else:
-        c = max((opts.tuning.triton_dz_mb << 20) // max(1, n * elem_bytes), _MIN_CHUNK)
-    c = max(block_v, (c // block_v) * block_v)  # whole tiles, at least one
+        c = max(dz_budget_bytes(free_bytes, dz_mb) // max(1, n * elem_bytes), _MIN_CHUNK)
+    c = max(block_v, (c // block_v) * block_v)
     return min(c, triton.cdiv(vocab, block_v) * block_v)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA ``device`` as this process can use it (driver-free + torch's cached, unused blocks);
+    ``None`` off CUDA and in the interpreter."""
+    if device.type != "cuda" or interpreting():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _vocab_chunk(n: int, vocab: int, elem_bytes: int, block_v: int, opts: LogprobOptions, device: torch.device) -> int:
+    """:func:`dz_vocab_chunk` for ``opts`` (``chunk_vocab``, ``HAF_TRITON_DZ_MB``) and the free memory of ``device``."""
+    chunk_vocab = opts.vocab_tile()
+    free = None if chunk_vocab or opts.tuning.triton_dz_mb is not None else free_device_bytes(device)
+    return dz_vocab_chunk(
+        n, vocab, elem_bytes, block_v, free_bytes=free, dz_mb=opts.tuning.triton_dz_mb, chunk_vocab=chunk_vocab
+    )
 
 
 def linear_logprobs_bwd(
@@ -400,7 +447,7 @@ def linear_logprobs_bwd(
     gemm_dtype = hidden.dtype  # dz is stored in the inputs' dtype so both GEMMs run on tensor cores
 
     n_tt = triton.cdiv(n, t.block_n)
-    chunk = _vocab_chunk(n, vocab, gemm_dtype.itemsize, t.block_v, opts)
+    chunk = _vocab_chunk(n, vocab, gemm_dtype.itemsize, t.block_v, opts, dev)
     n_chunks = triton.cdiv(vocab, chunk)
     n_vt = chunk // t.block_v
     dz = torch.empty(n, chunk, dtype=gemm_dtype, device=dev)
@@ -453,6 +500,11 @@ def linear_logprobs_bwd(
             )
             if need_b:
                 db[v_start : v_start + width] = dbp[:, :width].sum(dim=0).to(db.dtype)
+            if use_filter:  # this chunk's flags [token tiles, n_cols] → kept-tile lists for each GEMM
+                dh_list, dh_cnt = kept_tile_lists(flags[:, :n_cols])
+                dw_list, dw_cnt = kept_tile_lists(flags[:, :n_cols].T)
+            else:
+                dh_list = dh_cnt = dw_list = dw_cnt = flags  # unused dummies
             if need_h:
                 final = ci == n_chunks - 1
                 n_dt = triton.cdiv(d, t.block_d_out)
@@ -461,14 +513,15 @@ def linear_logprobs_bwd(
                     weight,
                     dh_acc if dh_acc is not None else dh,
                     dh,
-                    flags,
+                    dh_list,
+                    dh_cnt,
                     g,
                     n,
                     d,
                     v_start,
                     width,
                     chunk,
-                    n_vt,
+                    n_cols,
                     group_rows(n_tt, n_dt, dev, opts.tuning),
                     weight.stride(0),
                     weight.stride(1),
@@ -488,7 +541,8 @@ def linear_logprobs_bwd(
                     dz,
                     hidden,
                     dw,
-                    flags,
+                    dw_list,
+                    dw_cnt,
                     gn,
                     gmax,
                     n,
@@ -496,7 +550,7 @@ def linear_logprobs_bwd(
                     v_start,
                     width,
                     chunk,
-                    n_vt,
+                    n_tt,
                     hidden.stride(0),
                     hidden.stride(1),
                     FILTER=use_filter,

@@ -12,8 +12,9 @@ token tiles and a few vocab tiles, so both stay in L2). Each program walks its s
 accumulation; fp64 for fp64 inputs), keeps a running (max, sum-exp) per token, picks the target logit
 when its column passes, and writes one partial ``(max, sumexp, target)`` per token and split. A few
 torch ops combine the splits (a ``[splits, N]`` reduction). The number of splits is chosen so
-``token tiles × splits`` covers the GPU about twice: 1 for large N, many for reference scoring with
-small N. Tiles whose tokens are all ignored skip the vocabulary loop.
+``token tiles × splits`` fills the GPU once: the compiled kernel's resident CTAs per SM (from its registers,
+shared memory and warps, ``_common.resident_ctas``; 2 when unknown, e.g. in the interpreter) × the SM count —
+1 for large N, many for reference scoring with small N. Tiles whose tokens are all ignored skip the vocabulary loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from ...options import LogprobOptions, compute_dtype
 from ._common import (
+    ASSUMED_CTAS_PER_SM,
     Tiles,
     _grouped_pid,
     _logits_tile,
@@ -35,6 +37,7 @@ from ._common import (
     group_rows,
     interpreting,
     num_sms,
+    resident_ctas,
     tiles_for,
 )
 
@@ -149,11 +152,14 @@ def _autotuned_fwd_kernel():
     )
 
 
-def _choose_splits(n_token_tiles: int, n_vocab_tiles: int, device: torch.device) -> int:
-    """Vocab splits so that ``token tiles × splits`` is about twice the SM count (1 in the interpreter)."""
+def _choose_splits(
+    n_token_tiles: int, n_vocab_tiles: int, device: torch.device, ctas_per_sm: int = ASSUMED_CTAS_PER_SM
+) -> int:
+    """Vocab splits so that ``token tiles × splits`` fills the GPU once: ``ctas_per_sm`` (resident CTAs of the
+    compiled kernel, :func:`~._common.resident_ctas`) × the SM count (1 in the interpreter)."""
     if interpreting() or device.type != "cuda":
         return 1
-    target = 2 * num_sms(device)
+    target = max(1, ctas_per_sm) * num_sms(device)
     return max(1, min(n_vocab_tiles, triton.cdiv(target, n_token_tiles)))
 
 
@@ -202,50 +208,63 @@ def linear_logprobs_fwd(
     block_n = 64 if autotune else t.block_n  # split bookkeeping only; the tuned BLOCK_N sets the grid
     block_v = 256 if autotune else t.block_v
     n_vt = triton.cdiv(vocab, block_v)
-    splits = vocab_splits or _choose_splits(triton.cdiv(n, block_n), n_vt, dev)
-    splits = max(1, min(int(splits), vocab))
-    v_per_split = triton.cdiv(vocab, splits)
-    if not autotune:  # keep split boundaries on tile boundaries (fewer partial tiles)
-        v_per_split = triton.cdiv(v_per_split, block_v) * block_v
-    splits = triton.cdiv(vocab, v_per_split)
-    part = torch.empty(3, splits, n, dtype=acc_dtype, device=dev)
-    args = (
-        hidden,
-        weight,
-        bias_c if bias_c is not None else hidden,  # dummy pointer when HAS_BIAS is False
-        labels,
-        part[0],
-        part[1],
-        part[2],
-        n,
-        vocab,
-        d,
-        v_per_split,
-        splits,
-        group_rows(triton.cdiv(n, block_n), splits, dev, opts.tuning),
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        opts.ignore_index,
-        float(opts.logit_scale),
-        softcap,
+
+    def layout(splits: int) -> tuple[int, torch.Tensor, tuple]:
+        """(splits, partials [3, splits, N], kernel arguments) for a requested number of vocab splits."""
+        splits = max(1, min(int(splits), vocab))
+        v_per_split = triton.cdiv(vocab, splits)
+        if not autotune:  # keep split boundaries on tile boundaries (fewer partial tiles)
+            v_per_split = triton.cdiv(v_per_split, block_v) * block_v
+        splits = triton.cdiv(vocab, v_per_split)
+        part = torch.empty(3, splits, n, dtype=acc_dtype, device=dev)
+        args = (
+            hidden,
+            weight,
+            bias_c if bias_c is not None else hidden,  # dummy pointer when HAS_BIAS is False
+            labels,
+            part[0],
+            part[1],
+            part[2],
+            n,
+            vocab,
+            d,
+            v_per_split,
+            splits,
+            group_rows(triton.cdiv(n, block_n), splits, dev, opts.tuning),
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            opts.ignore_index,
+            float(opts.logit_scale),
+            softcap,
+        )
+        return splits, part, args
+
+    launch = dict(
+        flags,
+        BLOCK_N=t.block_n,
+        BLOCK_V=t.block_v,
+        BLOCK_D=t.block_d,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
+    if vocab_splits:
+        splits = vocab_splits
+    else:
+        ctas = ASSUMED_CTAS_PER_SM
+        if not autotune:  # resident CTAs of the compiled kernel (its registers / shared memory), cached
+            key = ("fwd", hidden.dtype, bias is not None, tuple(sorted(launch.items())))
+            ctas = resident_ctas(linear_logprobs_fwd_kernel, lambda: layout(2)[2], launch, dev, key)
+        splits = _choose_splits(triton.cdiv(n, block_n), n_vt, dev, ctas)
+    splits, part, args = layout(splits)
     with device_guard(dev):
         if autotune:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)
             _autotuned_fwd_kernel()[grid](*args, **flags)
         else:
             grid = (triton.cdiv(n, t.block_n) * splits,)
-            linear_logprobs_fwd_kernel[grid](
-                *args,
-                **flags,
-                BLOCK_N=t.block_n,
-                BLOCK_V=t.block_v,
-                BLOCK_D=t.block_d,
-                num_warps=t.num_warps,
-                num_stages=t.num_stages,
-            )
+            linear_logprobs_fwd_kernel[grid](*args, **launch)
     run_max, run_sum, target = part[0], part[1], part[2]
     if splits == 1:
         lse = run_max[0] + torch.log(run_sum[0])
