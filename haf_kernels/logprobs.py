@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch._C import _functions as _autograd_functions
 
-from . import backends
+from . import backends, memory
 from .options import LogprobOptions, compute_dtype
 from .tuning import Tuning, current
 from .validate import check_finite as check_finite_inputs
@@ -275,20 +275,30 @@ def _keep_fns(mod: Any) -> tuple[Callable, Callable]:
 
 
 def pair_chunks(
-    labels: torch.Tensor, vocab: int, ignore_index: int, tuning: Tuning | None = None
+    labels: torch.Tensor,
+    vocab: int,
+    ignore_index: int,
+    tuning: Tuning | None = None,
+    *,
+    logit_bytes: int = 4,
+    free_bytes: int | None = None,
 ) -> list[tuple[int, int]] | None:
-    """Split the B pairs into runs ``[p0, p1)`` whose kept fp32 logits fit ``tuning.keep_chunk_mb``.
+    """Split the B pairs into runs ``[p0, p1)`` whose kept logits fit the keep budget.
 
-    Only non-ignored tokens are kept, so a pair costs ``(valid_c + valid_r)·V·4`` bytes. A single pair may
-    exceed ``keep_chunk_mb`` (it is the least the 3-GEMM path can keep) up to ``keep_max_mb``; returns ``None``
-    when one does not fit even that (the caller then recomputes in backward instead). ``tuning``: default
-    ``haf_kernels.tuning.current()`` (``HAF_KEEP_CHUNK_MB``, ``HAF_KEEP_MAX_MB``).
+    Only non-ignored tokens are kept, so a pair costs ``(valid_c + valid_r)·V·logit_bytes`` bytes (the backend's
+    kept dtype: 4 for fp32). The budget is ``tuning.keep_chunk_mb`` (``HAF_KEEP_CHUNK_MB``) when set, else
+    ``haf_kernels.memory.budget_bytes(free_bytes)``: from the free CUDA memory (``free_bytes``), 64 MiB off CUDA
+    (``None``). A single pair may exceed it (it is the least the 3-GEMM path can keep) up to ``keep_max_mb``
+    (``HAF_KEEP_MAX_MB``; unset: 512 MiB, or the budget where that is larger); returns ``None`` when one does not fit
+    even that (the caller then recomputes in backward instead). ``tuning``: default ``haf_kernels.tuning.current()``.
     """
     n_pairs = labels.shape[0] // 2
     counts = (labels != ignore_index).sum(dim=1).tolist()
     tuning = tuning or current()
-    budget_tokens = (tuning.keep_chunk_mb << 20) // (4 * max(vocab, 1))
-    cap_tokens = (tuning.keep_max_mb << 20) // (4 * max(vocab, 1))
+    budget = memory.budget_bytes(free_bytes, tuning.keep_chunk_mb)
+    cap = tuning.keep_max_mb << 20 if tuning.keep_max_mb is not None else max(512 << 20, budget)
+    per_token = max(1, logit_bytes * max(vocab, 1))
+    budget_tokens, cap_tokens = budget // per_token, cap // per_token
     chunks: list[tuple[int, int]] = []
     start, used = 0, 0
     for i in range(n_pairs):

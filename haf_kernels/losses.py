@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backends, objectives
+from . import backends, memory, objectives
 from .logprobs import FusedPairLossFunction, pair_chunks, token_logprobs
 from .options import LogprobOptions, compute_dtype
 from .validate import check_finite as check_finite_inputs
 from .validate import check_haf_args
-from .vocab_parallel import ShardedBackend, VocabParallel, as_vocab_parallel, checked
+from .vocab_parallel import ShardedBackend, VocabParallel, as_vocab_parallel, checked, group_min
 
 
 @dataclass
@@ -106,10 +106,11 @@ def fused_haf_loss(
         lm_head_bias, logit_scale, softcap, ignore_index, backend: as in ``linear_logprobs``.
         grad_in_forward: finish the policy gradients inside the forward (3 GEMMs instead of 4; log-prob
             outputs detached). ``None``: on when gradients are needed, the backend keeps logits natively
-            (``torch``, ``cpp``) and one pair's kept fp32 logits (non-ignored tokens × V) fit
-            ``HAF_KEEP_CHUNK_MB``; ``HAF_GRAD_IN_FORWARD=0`` turns the default off. A batch-coupled objective
+            (``triton``, ``torch``, ``cpp``) and one pair's kept logits (non-ignored tokens × V) fit the keep budget
+            (``HAF_KEEP_CHUNK_MB``; unset: 1/8 of free CUDA memory, 512 MiB to 4 GiB, 64 MiB off CUDA — see
+            ``haf_kernels.memory``); ``HAF_GRAD_IN_FORWARD=0`` turns the default off. A batch-coupled objective
             (``aot``, ``aot_unpaired``) needs the whole batch in one chunk: ``None`` then recomputes in backward
-            when the batch does not fit ``HAF_KEEP_CHUNK_MB``, and ``True`` raises ``ValueError`` there.
+            when the batch does not fit the keep budget, and ``True`` raises ``ValueError`` there.
         check_finite: raise ``NonFiniteInputError`` (a ``ValueError`` naming the argument) when ``hidden``,
             ``lm_head_weight``, ``lm_head_bias``, ``rewards``, ``ref_logps`` or ``reward_margin`` holds NaN/Inf
             (``hidden``: at non-ignored tokens only), instead of returning a NaN loss. One extra read of the
@@ -224,8 +225,14 @@ def fused_haf_loss(
         use_fused = use_fused and keeps and opts.tuning.grad_in_forward
     else:
         use_fused = use_fused and grad_in_forward
-    vocab_rows = lm_head_weight.shape[0] if shard is None else shard.max_rows  # one chunking on every rank
-    chunks = pair_chunks(labels, vocab_rows, ignore_index, opts.tuning) if use_fused else None
+    chunks = None
+    if use_fused:
+        vocab_rows = lm_head_weight.shape[0] if shard is None else shard.max_rows  # one chunking on every rank
+        free = None if opts.tuning.keep_chunk_mb is not None else memory.free_device_bytes(dev)
+        if free is not None and shard is not None:
+            free = group_min(free, shard, dev)
+        logit_bytes = backends.capabilities(name).kept_logit_bytes(hidden.dtype)
+        chunks = pair_chunks(labels, vocab_rows, ignore_index, opts.tuning, logit_bytes=logit_bytes, free_bytes=free)
     if chunks is None and grad_in_forward is None:
         use_fused = False  # a single pair's logits exceed the budget: recompute in backward instead
     elif chunks is None:
@@ -238,8 +245,9 @@ def fused_haf_loss(
             raise ValueError(
                 f"policy_loss {coupled} couples pairs across the batch (it sorts over all pairs), so its gradients "
                 f"cannot be finished per chunk of pairs, and grad_in_forward=True needs the whole batch in one chunk: "
-                f"HAF_KEEP_CHUNK_MB={opts.tuning.keep_chunk_mb} splits these {n_pairs} pairs into {len(chunks)} "
-                "chunks. Raise HAF_KEEP_CHUNK_MB, or pass grad_in_forward=None or False (recompute in backward)"
+                f"the keep budget (HAF_KEEP_CHUNK_MB={opts.tuning.keep_chunk_mb}) splits these {n_pairs} pairs into "
+                f"{len(chunks)} chunks. Raise HAF_KEEP_CHUNK_MB, or pass grad_in_forward=None or False (recompute in "
+                "backward)"
             )
 
     if use_fused:

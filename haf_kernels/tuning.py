@@ -37,13 +37,15 @@ KNOBS: tuple[Knob, ...] = (
         "keep_chunk_mb",
         "HAF_KEEP_CHUNK_MB",
         "int",
-        "MiB of fp32 logits kept per chunk of whole pairs by the 3-GEMM whole-loss path (default 64)",
+        "MiB of logits kept per chunk of whole pairs by the 3-GEMM whole-loss path (unset: 1/8 of free CUDA "
+        "memory, 512 MiB to 4 GiB, at most half of it; 64 off CUDA)",
     ),
     Knob(
         "keep_max_mb",
         "HAF_KEEP_MAX_MB",
         "int",
-        "most MiB kept for one pair; above it the loss recomputes in backward (default 512)",
+        "most MiB kept for one pair; above it the loss recomputes in backward (unset: 512, or the chunk "
+        "budget where that is larger)",
     ),
     Knob(
         "grad_in_forward",
@@ -89,8 +91,8 @@ class Tuning:
     chunk_tokens: int | None = None
     chunk_vocab: int | None = None
     tile_mb: int = 64
-    keep_chunk_mb: int = 64
-    keep_max_mb: int = 512
+    keep_chunk_mb: int | None = None
+    keep_max_mb: int | None = None
     grad_in_forward: bool = True
     cpp_isa: str = "auto"
     cpp_partial_kb: int = 65536

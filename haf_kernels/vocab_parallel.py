@@ -102,6 +102,14 @@ def agree(
     return result, shard
 
 
+def group_min(value: int, shard: VocabShard, device: torch.device) -> int:
+    """The smallest ``value`` over the shard's process group (one all-reduce of one int64), so that every rank
+    derives the same pair chunking from its own free memory."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=shard.group)
+    return int(t.item())
+
+
 def _accepts_accumulators(fn: Any) -> bool:
     return "dw_acc" in inspect.signature(fn).parameters
 

@@ -220,3 +220,36 @@ def test_pair_chunks_budget(monkeypatch):
     assert pair_chunks(labels, vocab, -100) == [(0, 1), (1, 2), (2, 3)]
     monkeypatch.setenv("HAF_KEEP_MAX_MB", "1")
     assert pair_chunks(labels, vocab, -100) is None  # over the cap: recompute instead
+
+
+def test_pair_chunks_budget_from_free_memory_and_kept_dtype(monkeypatch):
+    """Unset ``HAF_KEEP_CHUNK_MB``: 64 MiB off CUDA, else 1/8 of the free memory in [512 MiB, 4 GiB] (at most half of
+    it); a backend keeping 2-byte logits fits twice the tokens; the one-pair cap grows with the budget."""
+    from haf_kernels import memory
+    from haf_kernels.backends import capabilities
+    from haf_kernels.logprobs import pair_chunks
+
+    monkeypatch.delenv("HAF_KEEP_CHUNK_MB", raising=False)
+    monkeypatch.delenv("HAF_KEEP_MAX_MB", raising=False)
+    gib, mib = 1 << 30, 1 << 20
+    assert memory.budget_bytes(None) == 64 * mib
+    assert memory.budget_bytes(80 * gib) == 4 * gib  # 10 GiB capped
+    assert memory.budget_bytes(16 * gib) == 2 * gib
+    assert memory.budget_bytes(2 * gib) == 512 * mib  # the floor
+    assert memory.budget_bytes(600 * mib) == 300 * mib  # never more than half of what is free
+    assert memory.budget_bytes(80 * gib, 7) == 7 * mib  # an explicit setting wins
+    assert memory.free_device_bytes(torch.device("cpu")) is None
+
+    vocab = 128256
+    labels = torch.zeros(2 * 8, 1024, dtype=torch.long)  # 8 pairs of 2048 kept tokens
+    # off CUDA, fp32 kept: one pair (2048 tokens × V × 4 B = 1 GiB) is over the 512 MiB one-pair cap: recompute
+    assert pair_chunks(labels, vocab, -100) is None
+    # an H100 with 60 GiB free keeps 4 GiB of bf16 logits per chunk: 16744 tokens = 8 pairs of 2048
+    assert pair_chunks(labels, vocab, -100, logit_bytes=2, free_bytes=60 * gib) == [(0, 8)]
+    # the same in fp32: half as many tokens per chunk
+    assert pair_chunks(labels, vocab, -100, logit_bytes=4, free_bytes=60 * gib) == [(0, 4), (4, 8)]
+    # the backends' declared kept dtypes
+    assert capabilities("torch").kept_logit_bytes(torch.bfloat16) == 4
+    assert capabilities("cpp").kept_logit_bytes(torch.float64) == 8
+    assert capabilities("triton").kept_logit_bytes(torch.bfloat16) == 2
+    assert capabilities("triton").kept_logit_bytes(torch.float32) == 4

@@ -511,7 +511,7 @@ def test_dz_chunk_knob_and_chunk_vocab_override(monkeypatch):
 
     B = importlib.import_module("haf_kernels.backends.triton.backward")  # the module, not the backend's function
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(B, "free_device_bytes", lambda device: 80 * GiB)
+    monkeypatch.setattr(B.memory, "free_device_bytes", lambda device: 80 * GiB)
     monkeypatch.delenv("HAF_TRITON_DZ_MB", raising=False)
     assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 128256
     monkeypatch.setenv("HAF_TRITON_DZ_MB", "256")
@@ -520,7 +520,7 @@ def test_dz_chunk_knob_and_chunk_vocab_override(monkeypatch):
     monkeypatch.setenv("HAF_TRITON_DZ_MB", "1")
     assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), cuda) == 2048  # never below 2048 columns
     monkeypatch.undo()
-    assert B.free_device_bytes(torch.device("cpu")) is None  # off CUDA: the small default (2048 columns here)
+    assert B.memory.free_device_bytes(torch.device("cpu")) is None  # off CUDA: the small default (2048 columns here)
     assert B._vocab_chunk(16384, 128256, 2, 128, LogprobOptions(), torch.device("cpu")) == 2048
 
 

@@ -257,7 +257,7 @@ def test_fused_haf_loss_keep_vs_reference(nan_empty, dtype, case):
 
 def test_fused_haf_loss_one_pair_per_chunk(nan_empty, monkeypatch):
     """Several chunks (one pair each, one of them with no valid token): dW/db accumulate across chunks."""
-    monkeypatch.setattr(losses, "pair_chunks", lambda labels, v, ii, tuning: [(p, p + 1) for p in range(3)])
+    monkeypatch.setattr(losses, "pair_chunks", lambda labels, v, ii, tuning, **kw: [(p, p + 1) for p in range(3)])
     check_haf(torch.float32, bias=True, all_ignored_pair=True)
 
 
@@ -322,7 +322,7 @@ def test_keep_path_does_three_gemms_per_chunk(monkeypatch):
     operand — logits [n, V], dH (s·W), dW (sᵀ·H) — i.e. 3 × 2·n·V·D flops in all; no Triton GEMM kernel runs."""
     n_pairs, t, d, v = 3, 4, 8, 41
     hidden, weight, labels, _, ref = haf_inputs(n_pairs, t, d, v, torch.float32, ignore_frac=0.2)
-    monkeypatch.setattr(losses, "pair_chunks", lambda labels, vv, ii, tuning: [(0, 2), (2, 3)])
+    monkeypatch.setattr(losses, "pair_chunks", lambda labels, vv, ii, tuning, **kw: [(0, 2), (2, 3)])
     counters = count_gemm_kernels(monkeypatch)
     h = hidden.requires_grad_(True)
     w = weight.requires_grad_(True)

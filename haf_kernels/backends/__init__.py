@@ -42,7 +42,8 @@ class Capabilities:
 
     ``devices``: device types it runs on (``"*"``: any); ``auto_devices``: where ``auto`` may pick it, with ``priority``
     (highest wins); ``dtypes``: input dtypes it computes correctly (``dtype_note`` says why others are refused);
-    ``keeps_logits``: offers ``forward_keep``/``backward_saved`` (the 3-GEMM whole loss);
+    ``keeps_logits``: offers ``forward_keep``/``backward_saved`` (the 3-GEMM whole loss); ``kept_dtype``: the dtype of
+    the logits it keeps there, ``"compute"`` (fp32, fp64 for fp64 inputs) or ``"input"`` (the inputs' own dtype);
     ``grad_filter``: honours ``Tuning.grad_filter``; ``determinism``: what repeats bitwise.
     """
 
@@ -52,8 +53,14 @@ class Capabilities:
     dtypes: frozenset[torch.dtype] = FLOATS
     dtype_note: str = ""
     keeps_logits: bool = False
+    kept_dtype: str = "compute"
     grad_filter: bool = False
     determinism: str = "run to run"
+
+    def kept_logit_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one kept logit for inputs of ``dtype`` (what the whole-loss path budgets per token and column)."""
+        kept = dtype if self.kept_dtype == "input" else (torch.float64 if dtype == torch.float64 else torch.float32)
+        return torch.empty((), dtype=kept).element_size()
 
     def runs_on(self, device_type: str) -> bool:
         return "*" in self.devices or device_type in self.devices

@@ -37,6 +37,7 @@ CAPABILITIES = Capabilities(
     if _INTERPRETING
     else "",
     keeps_logits=True,
+    kept_dtype="input",
     grad_filter=True,
     determinism="bitwise run to run (no atomics)",
 )

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import memory
 from ...options import LogprobOptions, compute_dtype
 from ._common import (
     Tiles,
@@ -52,7 +53,6 @@ from ._common import (
     device_guard,
     dot_precision,
     group_rows,
-    interpreting,
     tiles_for,
 )
 
@@ -330,25 +330,13 @@ def grad_filter_threshold(opts: LogprobOptions) -> float | None:
 
 
 _MIN_CHUNK = 2048  # below this the fp32 dH read-modify-write between chunks (8·N·D bytes) starts to dominate
-DZ_FREE_FRACTION = 8  # on CUDA the dz chunk may take 1/8 of the free device memory ...
-DZ_MIN_BYTES = 512 << 20  # ... but at least 512 MiB (≥ 16384 bf16 columns at N = 16384: dH RMW ≤ 2% of the GEMMs)
-DZ_MAX_BYTES = 4 << 30  # ... and at most 4 GiB (the whole vocabulary of N = 16384 × V = 128256 in bf16)
-DZ_OFF_CUDA_BYTES = 64 << 20  # CPU / interpreter: small
 
 
 def dz_budget_bytes(free_bytes: int | None, dz_mb: int | None = None) -> int:
-    """Bytes one vocab chunk of ``dz`` may take.
-
-    ``dz_mb`` (``HAF_TRITON_DZ_MB``) wins when set. Else, with ``free_bytes`` (free device memory, CUDA): 1/8 of it,
-    at least ``DZ_MIN_BYTES`` (512 MiB), at most ``DZ_MAX_BYTES`` (4 GiB), and never more than half of it.
-    Without (``None``: CPU, interpreter): ``DZ_OFF_CUDA_BYTES`` (64 MiB).
-    """
-    if dz_mb is not None:
-        return int(dz_mb) << 20
-    if free_bytes is None:
-        return DZ_OFF_CUDA_BYTES
-    budget = min(max(free_bytes // DZ_FREE_FRACTION, DZ_MIN_BYTES), DZ_MAX_BYTES)
-    return max(1, min(budget, free_bytes // 2))
+    """Bytes one vocab chunk of ``dz`` may take: ``dz_mb`` (``HAF_TRITON_DZ_MB``) when set, else
+    ``haf_kernels.memory.budget_bytes`` of ``free_bytes`` (1/8 of free CUDA memory, 512 MiB to 4 GiB, at most half
+    of it; 64 MiB off CUDA)."""
+    return memory.budget_bytes(free_bytes, dz_mb)
 
 
 def dz_vocab_chunk(
@@ -376,19 +364,10 @@ def dz_vocab_chunk(
     return min(c, triton.cdiv(vocab, block_v) * block_v)
 
 
-def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA ``device`` as this process can use it (driver-free + torch's cached, unused blocks);
-    ``None`` off CUDA and in the interpreter."""
-    if device.type != "cuda" or interpreting():
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
 def _vocab_chunk(n: int, vocab: int, elem_bytes: int, block_v: int, opts: LogprobOptions, device: torch.device) -> int:
     """:func:`dz_vocab_chunk` for ``opts`` (``chunk_vocab``, ``HAF_TRITON_DZ_MB``) and the free memory of ``device``."""
     chunk_vocab = opts.vocab_tile()
-    free = None if chunk_vocab or opts.tuning.triton_dz_mb is not None else free_device_bytes(device)
+    free = None if chunk_vocab or opts.tuning.triton_dz_mb is not None else memory.free_device_bytes(device)
     return dz_vocab_chunk(
         n, vocab, elem_bytes, block_v, free_bytes=free, dz_mb=opts.tuning.triton_dz_mb, chunk_vocab=chunk_vocab
     )
