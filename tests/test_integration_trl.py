@@ -340,13 +340,10 @@ def _pickles(folder) -> list[str]:
     return found
 
 
-def test_saves_hold_no_pickled_arguments_and_resume_works(tmp_path):
-    """Checkpoints and ``save_model`` write the arguments as ``training_args.json`` (no pickled ``training_args.bin``);
-    the only pickles left are Trainer's resume state, which loads with ``weights_only=True``; and resuming from a
-    checkpoint ends where an uninterrupted run ends."""
+def test_saves_hold_no_pickles_and_resume_works(tmp_path):
+    """Checkpoints and ``save_model`` hold no pickle (arguments as ``training_args.json``, resume state as JSON +
+    safetensors), and resuming from a checkpoint ends where an uninterrupted run ends."""
     import json
-
-    from transformers.trainer_pt_utils import safe_globals
 
     kw = dict(max_steps=3, save_strategy="steps", save_steps=2, learning_rate=1e-3)
     straight, _, _ = make_trainer(tmp_path / "a", "explicit", n=2, **kw)
@@ -358,20 +355,44 @@ def test_saves_hold_no_pickled_arguments_and_resume_works(tmp_path):
     saved = tmp_path / "saved"
     run.save_model(str(saved))
     for folder in (ckpt, out / "checkpoint-3", saved):
-        assert not (folder / "training_args.bin").exists(), folder
+        assert _pickles(folder) == [], folder
         args = json.loads((folder / "training_args.json").read_text())
         assert args["policy_loss"] == "sigmoid" and args["alpha"] == 0.2
-    assert _pickles(saved) == []
-    resume_state = {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
-    for folder in (ckpt, out / "checkpoint-3"):
-        left = set(_pickles(folder))
-        assert left <= resume_state, left
-        with safe_globals():  # what Trainer uses to read rng_state.pth
-            for name in left:
-                torch.load(folder / name, weights_only=True)
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"optimizer.json", "optimizer.safetensors", "scheduler.json", "rng_state.json"} <= names, names
 
     resumed, _, _ = make_trainer(tmp_path / "c", "explicit", n=2, **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 3
+    assert resumed.optimizer.state_dict()["state"][0]["step"].item() == 3  # the optimizer state came back
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+
+
+def test_state_files_round_trip_and_refuse_objects(tmp_path):
+    """``state_files``: nested state with int keys, tuples, numpy arrays, non-finite floats and tensors comes back
+    equal; an arbitrary object is refused by name."""
+    import math
+    import random
+
+    import numpy as np
+
+    from haf_kernels.integrations import state_files
+
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3, 5, dtype=torch.bfloat16)}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "foreach": None, "x": float("inf")}],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "nan": float("nan"),
+    }
+    paths = state_files.save_state(state, tmp_path, "opt")
+    assert [p.name for p in paths] == ["opt.json", "opt.safetensors"] and _pickles(tmp_path) == []
+    back = state_files.load_state(tmp_path, "opt")
+    assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"]) and 0 in back["state"]
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999) and back["param_groups"][0]["x"] == math.inf
+    assert back["python"] == state["python"] and math.isnan(back["nan"])
+    assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["numpy"][1].dtype == state["numpy"][1].dtype and back["numpy"][2:] == state["numpy"][2:]
+    with pytest.raises(TypeError, match=r"opt\['f'\] is a function"):
+        state_files.save_state({"f": lambda: 0}, tmp_path, "opt")

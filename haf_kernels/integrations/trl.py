@@ -54,6 +54,7 @@ if Version(getattr(trl, "__version__", "0")) < Version("1.16"):
     raise ImportError(f"haf_kernels.integrations.trl needs TRL >= 1.16, found {trl.__version__}; `{_INSTALL_HINT}`")
 
 from .. import contract, fused_haf_loss, objectives, sequence_logprobs  # noqa: E402
+from . import state_files  # noqa: E402
 
 __all__ = ["HafConfig", "HafTrainer", "HafPreferenceCollator", "tokenize_preference_row", "attach_reward_head"]
 
@@ -681,6 +682,91 @@ class HafTrainer(DPOTrainer):
             save_file(
                 {f"{REWARD_HEAD}.weight": head.weight.detach().cpu().contiguous()}, str(out / "reward_head.safetensors")
             )
+
+    # ------------------------------------------------------------------ resume state without pickles
+    def _plain_state(self) -> bool:
+        """Whether the resume state is ``Trainer``'s own (one or more CPU / CUDA processes, no DeepSpeed / FSDP /
+        SageMaker MP, whose libraries write their own files): then it is stored as JSON + safetensors."""
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        return (
+            self.args.device.type in ("cpu", "cuda")
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and not is_sagemaker_mp_enabled()
+        )
+
+    def _rng_name(self) -> str:
+        return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The RNG states as ``rng_state.json`` (+ ``.safetensors``) instead of the pickled ``rng_state.pth``."""
+        if not self._plain_state():
+            return super()._save_rng_state(output_dir)
+        import random
+
+        import numpy as np
+        from transformers.training_args import ParallelMode
+
+        states: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+            states["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
+        state_files.save_state(states, output_dir, self._rng_name())
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not state_files.has_state(checkpoint, self._rng_name()):
+            return super()._load_rng_state(checkpoint)  # Trainer's own files (or none: it logs that)
+        import random
+
+        import numpy as np
+        from transformers.trainer_pt_utils import set_rng_state_for_device
+        from transformers.training_args import ParallelMode
+
+        states = state_files.load_state(checkpoint, self._rng_name())
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if torch.cuda.is_available():
+            distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+            set_rng_state_for_device("CUDA", torch.cuda, states, distributed)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Optimizer and scheduler states as ``optimizer.json`` / ``scheduler.json`` (+ ``.safetensors``) instead of
+        the pickled ``optimizer.pt`` / ``scheduler.pt``."""
+        if not self._plain_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            state_files.save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            state_files.save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not (
+            state_files.has_state(checkpoint, "optimizer") and state_files.has_state(checkpoint, "scheduler")
+        ):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # as Trainer: CPU first on one process (the optimizer moves its state to the parameters' device)
+        multi = self.args.world_size > 1 and self.args.device.type != "cpu"
+        self.optimizer.load_state_dict(
+            state_files.load_state(checkpoint, "optimizer", self.args.device if multi else "cpu")
+        )
+        self.lr_scheduler.load_state_dict(state_files.load_state(checkpoint, "scheduler"))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if not self._plain_state() or scaler is None:
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:
+            state_files.save_state(scaler.state_dict(), output_dir, "scaler")
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not state_files.has_state(checkpoint, "scaler"):
+            return super()._load_scaler(checkpoint)
+        self.accelerator.scaler.load_state_dict(state_files.load_state(checkpoint, "scaler"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """``Trainer``'s resume, plus the reward head of a PEFT checkpoint (kept beside the adapter)."""
