@@ -8,11 +8,11 @@ logging, checkpoints, ``save_model``.
 
 Data: TRL's preference formats — explicit prompt (``prompt``/``chosen``/``rejected`` strings), implicit prompt
 (``chosen``/``rejected`` full transcripts), conversational (lists of ``{role, content}`` messages, with or
-without ``prompt``). They are tokenised under haf_kernels' reward contract (the one ``training`` uses, so the
-numbers agree with ``haf-train``): the reward of ``(prompt, response)`` is read at the last token of
-``tokenizer(prompt + response)`` with the tokenizer's default special tokens (one space joins plain texts that meet
-without whitespace; conversational rows are the chat template's rendering, its own BOS not doubled). Unlike
-``DPOTrainer``, EOS is never appended to the text: it is a policy target after the last token only.
+without ``prompt``). They are tokenised under haf_kernels' reward contract (``haf_kernels.contract``, which
+``training`` uses too, so the numbers agree with ``haf-train``): the reward of ``(prompt, response)`` is read at the
+last token of ``tokenizer(prompt + response)`` with the tokenizer's default special tokens (one space joins plain
+texts that meet without whitespace; conversational rows are the chat template's rendering, its own BOS not
+doubled). Unlike ``DPOTrainer``, EOS is never appended to the text: it is a policy target after the last token only.
 Truncation: the prompt from the left to ``max_prompt_length`` (keeping its leading special tokens), then the
 response from the right to ``max_length``; a truncated response gets no EOS target.
 
@@ -24,6 +24,8 @@ memory, not reloaded from disk). ``"none"`` is reference-free (also implied by `
 The saved folder (``trainer.save_model(dir)`` for full fine-tuning, ``trainer.export_reward_model(dir)`` for any
 model, LoRA merged) loads with ``AutoModelForSequenceClassification`` (``score`` = the reward head) and, the
 same folder, with ``AutoModelForCausalLM`` (the policy); ``haf_reward.json`` beside it records the contract.
+Saved folders and checkpoints hold no pickle: ``training_args.json`` instead of ``training_args.bin``, and the
+resume state (optimizer, scheduler, RNG, scaler) as JSON + safetensors (``state_files``).
 """
 
 from __future__ import annotations
