@@ -112,10 +112,12 @@ CASES = [
     ("explicit", dict(policy_loss="sigmoid", reference_mode="copy")),
     ("implicit", dict(policy_loss="ipo", alpha=0.5, reference_mode="copy", precompute_ref_log_probs=True)),
     ("conversational", dict(policy_loss="simpo", simpo_gamma=0.5, center_rewards_coefficient=0.01)),
+    # TRL's spelling of a weighted list of objectives (mapped onto policy_loss / policy_loss_weights)
+    ("explicit", dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0, 0.5], reference_mode="copy")),
 ]
 
 
-@pytest.mark.parametrize("fmt,haf", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("fmt,haf", CASES, ids=[c[0] for c in CASES[:3]] + ["explicit-list"])
 def test_same_batch_and_loss_as_training(tmp_path, fmt, haf):
     """TRL rows → the same ids/labels as ``training.data`` and the same loss and gradients as ``training``."""
     from training.config import TrainConfig
@@ -140,6 +142,7 @@ def test_same_batch_and_loss_as_training(tmp_path, fmt, haf):
     cfg = TrainConfig(**{k: getattr(trainer.args, k) for k in ("beta", "alpha", "reward_weight", "policy_loss")})
     cfg.simpo_gamma, cfg.average_log_prob = trainer.args.simpo_gamma, trainer.args.average_log_prob
     cfg.center_rewards_coefficient = trainer.args.center_rewards_coefficient or 0.0
+    cfg.policy_loss_weights = list(trainer.args.policy_loss_weights or [])
     averaged = trainer.args.length_averaged
     reference = ReferenceLogps("none" if trainer.haf_reference == "none" else "copy")
     if reference.mode == "copy":
@@ -251,7 +254,11 @@ def test_missing_trl_is_one_line_import_error(monkeypatch):
     [
         (dict(alpha=0.0, reward_weight=0.0), "no term"),
         (dict(policy_loss="nope"), "policy_loss"),
-        (dict(loss_type=["hinge"]), "policy_loss"),
+        (dict(loss_type=["hinge"], policy_loss="ipo"), "policy_loss"),
+        (dict(policy_loss=["sigmoid", "hinge"], policy_loss_weights=[1.0]), "policy_loss_weights"),
+        (dict(policy_loss=["sigmoid", "nope"]), "policy_loss"),
+        (dict(policy_loss="exo_pair"), "label_smoothing"),
+        (dict(ld_alpha=0.5), "ld_alpha"),
         (dict(reference_mode="frozen"), "reference_mode"),
         (dict(policy_loss="simpo", reference_mode="copy"), "reference-free"),
         (dict(reference_mode="none", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
@@ -291,3 +298,101 @@ def test_plain_dpo_config_and_trl_collator(tmp_path):
     trl_batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([trainer.train_dataset[0]])
     with pytest.raises(ValueError, match="HafPreferenceCollator"):
         trainer.compute_loss(trainer.model, trl_batch)
+
+
+# ---------------------------------------------------------------------------------------------- objectives, saving
+def test_list_of_two_objectives_trains_one_step(tmp_path):
+    """``policy_loss`` as a weighted list: one step is taken, and the policy loss is the weighted sum of the two
+    objectives' losses computed alone on the same batch and weights."""
+    trainer, _, _ = make_trainer(
+        tmp_path, "explicit", n=4, policy_loss=["sigmoid", "hinge"], policy_loss_weights=[0.7, 0.3], max_steps=1
+    )
+    assert trainer.args.length_averaged is False and trainer.haf_reference == "copy"
+    batch = batch_of(trainer)
+    with torch.no_grad():
+        both, _ = trainer.haf_loss(trainer.model, batch)
+        alone = []
+        for name in ("sigmoid", "hinge"):
+            trainer.args.policy_loss, trainer.args.policy_loss_weights = name, None
+            alone.append(trainer.haf_loss(trainer.model, batch)[0].policy_loss.item())
+        trainer.args.policy_loss, trainer.args.policy_loss_weights = ["sigmoid", "hinge"], [0.7, 0.3]
+    assert both.policy_loss.item() == pytest.approx(0.7 * alone[0] + 0.3 * alone[1], rel=1e-6, abs=1e-7)
+    before = trainer.model.score.weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert not torch.equal(trainer.model.score.weight, before)
+
+
+def _pickles(folder) -> list[str]:
+    """Files under ``folder`` that hold a pickle, by their bytes: a raw pickle (protocol 2+ starts with 0x80) or a
+    ``torch.save`` zip archive (it stores its object as ``*/data.pkl``)."""
+    import zipfile
+
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        head = path.read_bytes()[:4]
+        if head[:1] == b"\x80":
+            found.append(path.relative_to(folder).as_posix())
+        elif head == b"PK\x03\x04" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith(".pkl") for n in z.namelist()):
+                    found.append(path.relative_to(folder).as_posix())
+    return found
+
+
+def test_saves_hold_no_pickles_and_resume_works(tmp_path):
+    """Checkpoints and ``save_model`` hold no pickle (arguments as ``training_args.json``, resume state as JSON +
+    safetensors), and resuming from a checkpoint ends where an uninterrupted run ends."""
+    import json
+
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    straight, _, _ = make_trainer(tmp_path / "a", "explicit", n=2, **kw)
+    straight.train()
+    run, _, _ = make_trainer(tmp_path / "b", "explicit", n=2, **kw)
+    run.train()
+    out = tmp_path / "b" / "out"
+    ckpt = out / "checkpoint-2"
+    saved = tmp_path / "saved"
+    run.save_model(str(saved))
+    for folder in (ckpt, out / "checkpoint-3", saved):
+        assert _pickles(folder) == [], folder
+        args = json.loads((folder / "training_args.json").read_text())
+        assert args["policy_loss"] == "sigmoid" and args["alpha"] == 0.2
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"optimizer.json", "optimizer.safetensors", "scheduler.json", "rng_state.json"} <= names, names
+
+    resumed, _, _ = make_trainer(tmp_path / "c", "explicit", n=2, **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 3
+    assert resumed.optimizer.state_dict()["state"][0]["step"].item() == 3  # the optimizer state came back
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+
+
+def test_state_files_round_trip_and_refuse_objects(tmp_path):
+    """``state_files``: nested state with int keys, tuples, numpy arrays, non-finite floats and tensors comes back
+    equal; an arbitrary object is refused by name."""
+    import math
+    import random
+
+    import numpy as np
+
+    from haf_kernels.integrations import state_files
+
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3, 5, dtype=torch.bfloat16)}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "foreach": None, "x": float("inf")}],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "nan": float("nan"),
+    }
+    paths = state_files.save_state(state, tmp_path, "opt")
+    assert [p.name for p in paths] == ["opt.json", "opt.safetensors"] and _pickles(tmp_path) == []
+    back = state_files.load_state(tmp_path, "opt")
+    assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"]) and 0 in back["state"]
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999) and back["param_groups"][0]["x"] == math.inf
+    assert back["python"] == state["python"] and math.isnan(back["nan"])
+    assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["numpy"][1].dtype == state["numpy"][1].dtype and back["numpy"][2:] == state["numpy"][2:]
+    with pytest.raises(TypeError, match=r"opt\['f'\] is a function"):
+        state_files.save_state({"f": lambda: 0}, tmp_path, "opt")

@@ -22,12 +22,13 @@ chosen == rejected, undecodable, a failing chat template) raises ``BadRowError``
 number (the line number for JSON lines) and the reason, or, with ``skip_bad_rows``, is counted in ``LoadReport``
 (never silently dropped). The CLIs print it as one line with the ``--skip-bad-rows`` hint (``cli.run_cli``).
 
-The reward contract (one definition, used by the trainer, its evaluation, ``haf-score`` and the export's
-``haf_reward.json``): the reward of ``(prompt, response)`` is read at the last token of
-``encode_for_reward(tokenizer, reward_text(prompt, response))``, i.e. of ``tokenizer(prompt + response)`` with the
-tokenizer's default special tokens (a space joins a plain-text prompt and response that meet without whitespace;
-conversational rows are the chat template's rendering, whose own BOS is not duplicated). Prompt and responses are
-tokenised *together*; the prompt/response boundary is the longest common prefix with the tokenised prompt.
+The reward contract (one definition, ``haf_kernels.contract``, used by the trainer, its evaluation, ``haf-score``,
+the export's ``haf_reward.json`` and ``haf_kernels.integrations.trl``; its functions are re-exported here): the
+reward of ``(prompt, response)`` is read at the last token of ``encode_for_reward(tokenizer, reward_text(prompt,
+response))``, i.e. of ``tokenizer(prompt + response)`` with the tokenizer's default special tokens (a space joins a
+plain-text prompt and response that meet without whitespace; conversational rows are the chat template's
+rendering, whose own BOS is not duplicated). Prompt and responses are tokenised *together*; the prompt/response
+boundary is the longest common prefix with the tokenised prompt.
 
 Sequences are ``prompt_ids + response_ids``: exactly those contract ids. The tokenizer's EOS is a policy target
 *after* the last token (a label at the last position, never an input), so the reward position is untouched.
@@ -55,11 +56,28 @@ from typing import Any
 
 import torch
 
+from haf_kernels.contract import (  # the reward contract's one definition; re-exported as training.data's names
+    CONTRACT_VERSION,  # noqa: F401
+    HH_ASSISTANT,  # noqa: F401
+    check_lengths,
+    encode_for_reward,  # noqa: F401
+    is_messages,
+    leading_specials,
+    pad_pairs,
+    policy_eos,  # noqa: F401
+    preference_texts,
+    reward_contract,  # noqa: F401
+    reward_text,  # noqa: F401
+    special_ids,
+    split_shared_prefix,  # noqa: F401
+    tokenize_pair,
+    tokenize_preference,
+    truncate,
+)
+
 from .errors import BadRowError, DataFormatError, DataNotFoundError
 
 RESERVED = {"prompt", "chosen", "rejected", "subset"}
-HH_ASSISTANT = "\n\nAssistant:"
-CONTRACT_VERSION = 1  # of the reward contract (module docstring); written to the export's haf_reward.json
 DEFAULT_MAX_LENGTH = 1024  # fits multi-turn conversational data (HH-RLHF) with room for the response
 DEFAULT_MAX_PROMPT_LENGTH = 768
 
@@ -471,108 +489,11 @@ def _csv_value(v: str | None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def _is_messages(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
-
-
-def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """``(prompt, chosen_response, rejected_response)`` of two full transcripts with a shared prefix.
-
-    The prompt ends after the last ``"\\n\\nAssistant:"`` inside the common prefix (HH style); otherwise at
-    the last whitespace of the common prefix (so no word is split). A response can come out empty (one
-    transcript is the other plus more turns, e.g. ``…\\n\\nAssistant:`` vs ``…\\n\\nAssistant: text``);
-    ``normalise_row`` reports that as a bad row.
-    """
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    common = chosen[:n]
-    cut = common.rfind(HH_ASSISTANT)
-    if cut >= 0:
-        cut += len(HH_ASSISTANT)
-    else:
-        ws = max(common.rfind(" "), common.rfind("\n"))
-        cut = ws if ws >= 0 and n < min(len(chosen), len(rejected)) else n
-    return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def _render_messages(tokenizer: Any, prompt: Any, chosen: Any, rejected: Any) -> tuple[str, str, str]:
-    """Render conversational rows with the chat template; the prompt is the shared message prefix."""
-    if prompt is None:
-        k = 0
-        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
-            k += 1
-        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not prompt:
-        raise ValueError("conversation has no prompt messages")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational data needs a tokenizer with a chat template")
-
-    def render(messages: list, **kw: Any) -> str:
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
-        except Exception as exc:  # jinja TemplateError (e.g. roles must alternate), bad message contents
-            msg = " ".join(str(exc).split())
-            raise ValueError(f"chat template failed ({type(exc).__name__}: {msg})") from exc
-
-    p_text = render(prompt, add_generation_prompt=True)
-    out = []
-    for key, resp in (("chosen", chosen), ("rejected", rejected)):
-        if not resp:
-            raise ValueError(f"empty response ({key} has no messages after the prompt)")
-        full = render(list(prompt) + list(resp))
-        if not full.startswith(p_text):  # templates that differ with/without a generation prompt
-            p0 = render(prompt)
-            if not full.startswith(p0):
-                raise ValueError("chat template does not render the prompt as a prefix of the conversation")
-            out.append(full[len(p0) :])
-        else:
-            out.append(full[len(p_text) :])
-    return p_text, out[0], out[1]
-
-
 def normalise_row(row: Any, tokenizer: Any) -> tuple[str, str, str, str | None, dict[str, float]]:
-    """``(prompt, chosen, rejected, subset, numeric_columns)`` of one raw row; ``ValueError`` if unusable."""
-    if not isinstance(row, dict):
-        raise ValueError(f"row is a {type(row).__name__}, not a mapping")
-    for key in ("chosen", "rejected"):
-        if key not in row or row[key] is None:
-            raise ValueError(f"missing field {key!r}")
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if _is_messages(chosen) and _is_messages(rejected):
-        if prompt is not None and not (isinstance(prompt, str) or _is_messages(prompt)):
-            raise ValueError("prompt must be a string or a list of messages")
-        prompt, chosen, rejected = _render_messages(tokenizer, prompt, chosen, rejected)
-    else:
-        for key, val in (("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(val, str):
-                raise ValueError(f"field {key!r} must be a string or a list of {{role, content}} messages")
-        if prompt is None:
-            if chosen == rejected:
-                raise ValueError("chosen == rejected")
-            prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
-            for key, val, other in (("chosen", chosen, "rejected"), ("rejected", rejected, "chosen")):
-                if not val.strip():
-                    raise ValueError(
-                        f"empty response ({key} is empty after splitting off the prompt it shares with {other}: "
-                        f"no explicit prompt, and the {key} transcript is the start of the {other} one)"
-                    )
-        elif not isinstance(prompt, str):
-            raise ValueError("field 'prompt' must be a string")
-    for key, val in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        try:
-            val.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"undecodable text in {key!r} ({exc.reason})") from exc
-    for key, val in (("chosen", chosen), ("rejected", rejected)):
-        if not val.strip():
-            raise ValueError(f"empty response ({key} is blank)")
-    if chosen == rejected:
-        raise ValueError("chosen == rejected")
+    """``(prompt, chosen, rejected, subset, numeric_columns)`` of one raw row; ``ValueError`` if unusable.
+
+    The texts are ``haf_kernels.contract.preference_texts``'s (the reward contract's formats)."""
+    prompt, chosen, rejected, _ = preference_texts(row, tokenizer)
     subset = row.get("subset")
     columns: dict[str, float] = {}
     for key, val in row.items():
@@ -676,90 +597,6 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def reward_text(prompt: str, response: str, *, conversational: bool = False) -> str:
-    """The text whose reward is read (the contract): ``prompt + response``.
-
-    A plain-text prompt and response that meet without whitespace (``"w01 w02"`` + ``"w03"``) are joined with one
-    space; conversational rows (``conversational=True``: chat-template renderings) are joined as they are.
-    """
-    if conversational or not prompt or not response or prompt[-1].isspace() or response[0].isspace():
-        return prompt + response
-    return prompt + " " + response
-
-
-def encode_for_reward(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` under the contract: ``tokenizer(text)["input_ids"]`` with the tokenizer's default
-    special tokens, except that a BOS the text already starts with (a chat template rendering ``bos_token``)
-    is not duplicated. The reward is read at the last of these ids."""
-    ids = list(tokenizer(text)["input_ids"])
-    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
-    if bos is not None and bos_text and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(bos_text):
-        ids = ids[1:]
-    return ids
-
-
-def policy_eos(tokenizer: Any) -> int | None:
-    """The policy's end-of-response target: the tokenizer's EOS, as a label after the last token (never an input,
-    so the reward position and the export's pad handling are unaffected)."""
-    return getattr(tokenizer, "eos_token_id", None)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_pair(
-    tokenizer: Any, prompt: str, chosen: str, rejected: str, *, conversational: bool = False
-) -> tuple[list[int], list[int], list[int]]:
-    """``(prompt_ids, chosen_ids, rejected_ids)`` with ``prompt_ids + chosen_ids`` the contract ids of
-    ``reward_text(prompt, chosen)`` (likewise rejected): each sequence is tokenised as one text, and the prompt is
-    the longest prefix both share with the tokenised prompt (so a token merged across the boundary counts as
-    response). With an empty prompt the prompt ids are the tokenizer's leading special tokens (BOS), if any.
-    """
-    p = encode_for_reward(tokenizer, prompt)
-    texts = [reward_text(prompt, x, conversational=conversational) for x in (chosen, rejected)]
-    full = [encode_for_reward(tokenizer, t) for t in texts]
-    k = min(_common_prefix(f, p) for f in full)
-    if any(len(f) <= k for f in full):
-        raise ValueError("empty response after tokenisation")
-    return full[0][:k], full[0][k:], full[1][k:]
-
-
-def special_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokenizer's special tokens (BOS/EOS/…, and added tokens marked special, e.g. chat roles)."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(tok, "special", False):
-            ids.add(int(i))
-    return ids
-
-
-def leading_specials(ids: list[int], specials: set[int]) -> int:
-    """How many leading ``ids`` are special tokens (kept when the prompt is truncated from the left)."""
-    n = 0
-    while n < len(ids) and ids[n] in specials:
-        n += 1
-    return n
-
-
-def truncate(prompt: list[int], response: list[int], max_length: int, max_prompt_length: int, keep: int = 0):
-    """Keep the first ``keep`` prompt tokens (BOS, a chat template's leading special tokens; at most half of
-    ``max_prompt_length``) and the end of the prompt (≤ ``max_prompt_length`` in all), then the start of the
-    response (total ≤ ``max_length``)."""
-    if max_prompt_length >= max_length:
-        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
-    if len(prompt) > max_prompt_length:
-        keep = max(0, min(keep, max_prompt_length, max(1, max_prompt_length // 2)))
-        tail = max_prompt_length - keep
-        prompt = prompt[:keep] + (prompt[len(prompt) - tail :] if tail > 0 else [])
-    return prompt, response[: max(0, max_length - len(prompt))]
-
-
 def encode_reward_input(
     tokenizer: Any,
     prompt: str,
@@ -773,26 +610,6 @@ def encode_reward_input(
     p, r, _ = tokenize_pair(tokenizer, prompt, response, response, conversational=conversational)
     p2, r2 = truncate(p, r, max_length, max_prompt_length, keep=leading_specials(p, special_ids(tokenizer)))
     return p2 + r2
-
-
-def reward_contract(tokenizer: Any, *, max_length: int, max_prompt_length: int) -> dict[str, Any]:
-    """What scoring needs to reproduce training (written as the export's ``haf_reward.json``)."""
-    eos = policy_eos(tokenizer) if tokenizer is not None else None
-    return {
-        "contract_version": CONTRACT_VERSION,
-        "reward_position": "last token of tokenizer(text) with the tokenizer's default special tokens",
-        "text": "prompt + response (one space joins plain texts that meet without whitespace); conversational "
-        "rows: the chat template's rendering of the prompt and response messages",
-        "add_special_tokens": True,
-        "dedupe_bos": True,  # a BOS rendered by the chat template is not doubled by the tokenizer's own
-        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
-        "max_length": int(max_length),
-        "max_prompt_length": int(max_prompt_length),
-        "truncation": {"prompt": "left, keeping leading special tokens (BOS)", "response": "right"},
-        "policy_eos_appended": eos is not None,
-        "policy_eos_token_id": eos,  # a training target after the last token; never part of the scored input
-        "pad_token_id": getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
-    }
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -836,7 +653,7 @@ def load_preferences(
     """Read, normalise, tokenise and truncate a preference source (see the module docstring)."""
     report = LoadReport(str(source))
     examples: list[PairExample] = []
-    eos, specials = policy_eos(tokenizer), special_ids(tokenizer)
+    check_lengths(max_length, max_prompt_length)
     for row_no, row in read_rows(source, split):
         if limit is not None and len(examples) >= limit:
             break
@@ -846,17 +663,20 @@ def load_preferences(
                 raise row
             try:
                 prompt, chosen, rejected, subset, cols = normalise_row(row, tokenizer)
-                chat = isinstance(row, dict) and _is_messages(row.get("chosen")) and _is_messages(row.get("rejected"))
-                p, c_full, r_full = tokenize_pair(tokenizer, prompt, chosen, rejected, conversational=chat)
+                chat = isinstance(row, dict) and is_messages(row.get("chosen")) and is_messages(row.get("rejected"))
+                pair = tokenize_preference(
+                    tokenizer,
+                    prompt,
+                    chosen,
+                    rejected,
+                    conversational=chat,
+                    max_length=max_length,
+                    max_prompt_length=max_prompt_length,
+                )
             except BadRowError:
                 raise
             except (ValueError, TypeError, KeyError) as exc:
                 raise BadRowError(f"{source}: row {row_no}: {exc}") from exc
-            keep = leading_specials(p, specials)
-            pc, c = truncate(p, c_full, max_length, max_prompt_length, keep=keep)
-            _, r = truncate(p, r_full, max_length, max_prompt_length, keep=keep)
-            if c == r:
-                raise BadRowError(f"{source}: row {row_no}: chosen == rejected after tokenisation/truncation")
         except BadRowError as exc:
             if not skip_bad_rows:
                 raise
@@ -865,16 +685,14 @@ def load_preferences(
             if len(report.examples) < 5:
                 report.examples.append(str(exc))
             continue
-        ends = tuple(
-            eos if eos is not None and len(kept) == len(whole) and whole[-1] != eos else None
-            for kept, whole in ((c, c_full), (r, r_full))
-        )
+        pc, c, r = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
         examples.append(
-            PairExample(pc, c, r, len(examples), subset, cols, source_row=row_no, end_labels=ends)  # type: ignore[arg-type]
+            PairExample(pc, c, r, len(examples), subset, cols, source_row=row_no, end_labels=pair.end_labels)
         )
+        n_p, n_c, n_r = pair.full_lengths
         report.n_kept += 1
-        report.truncated_prompts += len(pc) < len(p)
-        report.truncated_responses += (len(c) < len(c_full)) + (len(r) < len(r_full))
+        report.truncated_prompts += len(pc) < n_p
+        report.truncated_responses += (len(c) < n_c) + (len(r) < n_r)
     if not examples:
         raise ValueError(f"{source}: no usable rows ({report.summary()})")
     return PreferenceDataset(examples, report)
@@ -889,23 +707,15 @@ def collate_pairs(
     The response's EOS target (``end_labels``) is the label of its last position: the hidden state of the last
     token predicts it, and the token itself is never an input (the reward stays at the last real token).
     """
-    seqs = [ex.prompt_ids + ex.chosen_ids for ex in examples] + [ex.prompt_ids + ex.rejected_ids for ex in examples]
-    n_prompt = [len(ex.prompt_ids) for ex in examples] * 2
-    ends = [ex.end_labels[0] for ex in examples] + [ex.end_labels[1] for ex in examples]
-    t = max(len(s) for s in seqs)
-    t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(seqs), t), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    labels = torch.full((len(seqs), t), ignore_index, dtype=torch.long)
-    for i, (s, np_, end) in enumerate(zip(seqs, n_prompt, ends)):
-        n = len(s)
-        ids[i, :n] = torch.tensor(s, dtype=torch.long)
-        mask[i, :n] = 1
-        start = max(np_ - 1, 0)  # hidden at t predicts token t+1; first target is the first response token
-        if n - 1 > start:
-            labels[i, start : n - 1] = ids[i, start + 1 : n]
-        if end is not None and n > np_:
-            labels[i, n - 1] = end
+    ids, mask, labels = pad_pairs(
+        [ex.prompt_ids for ex in examples],
+        [ex.chosen_ids for ex in examples],
+        [ex.rejected_ids for ex in examples],
+        [ex.end_labels for ex in examples],
+        pad_token_id,
+        ignore_index,
+        pad_to_multiple_of,
+    )
     names = sorted({k for ex in examples for k in ex.columns})
     columns = {
         k: torch.tensor([ex.columns.get(k, float("nan")) for ex in examples], dtype=torch.float32) for k in names

@@ -8,11 +8,11 @@ logging, checkpoints, ``save_model``.
 
 Data: TRL's preference formats — explicit prompt (``prompt``/``chosen``/``rejected`` strings), implicit prompt
 (``chosen``/``rejected`` full transcripts), conversational (lists of ``{role, content}`` messages, with or
-without ``prompt``). They are tokenised under haf_kernels' reward contract (the one ``training`` uses, so the
-numbers agree with ``haf-train``): the reward of ``(prompt, response)`` is read at the last token of
-``tokenizer(prompt + response)`` with the tokenizer's default special tokens (one space joins plain texts that meet
-without whitespace; conversational rows are the chat template's rendering, its own BOS not doubled). Unlike
-``DPOTrainer``, EOS is never appended to the text: it is a policy target after the last token only.
+without ``prompt``). They are tokenised under haf_kernels' reward contract (``haf_kernels.contract``, which
+``training`` uses too, so the numbers agree with ``haf-train``): the reward of ``(prompt, response)`` is read at the
+last token of ``tokenizer(prompt + response)`` with the tokenizer's default special tokens (one space joins plain
+texts that meet without whitespace; conversational rows are the chat template's rendering, its own BOS not
+doubled). Unlike ``DPOTrainer``, EOS is never appended to the text: it is a policy target after the last token only.
 Truncation: the prompt from the left to ``max_prompt_length`` (keeping its leading special tokens), then the
 response from the right to ``max_length``; a truncated response gets no EOS target.
 
@@ -24,6 +24,8 @@ memory, not reloaded from disk). ``"none"`` is reference-free (also implied by `
 The saved folder (``trainer.save_model(dir)`` for full fine-tuning, ``trainer.export_reward_model(dir)`` for any
 model, LoRA merged) loads with ``AutoModelForSequenceClassification`` (``score`` = the reward head) and, the
 same folder, with ``AutoModelForCausalLM`` (the policy); ``haf_reward.json`` beside it records the contract.
+Saved folders and checkpoints hold no pickle: ``training_args.json`` instead of ``training_args.bin``, and the
+resume state (optimizer, scheduler, RNG, scaler) as JSON + safetensors (``state_files``).
 """
 
 from __future__ import annotations
@@ -53,14 +55,14 @@ except ImportError as exc:  # one line: what is missing and how to get it
 if Version(getattr(trl, "__version__", "0")) < Version("1.16"):
     raise ImportError(f"haf_kernels.integrations.trl needs TRL >= 1.16, found {trl.__version__}; `{_INSTALL_HINT}`")
 
-from .. import fused_haf_loss, objectives, sequence_logprobs  # noqa: E402
+from .. import contract, fused_haf_loss, objectives, sequence_logprobs  # noqa: E402
+from . import state_files  # noqa: E402
 
 __all__ = ["HafConfig", "HafTrainer", "HafPreferenceCollator", "tokenize_preference_row", "attach_reward_head"]
 
 IGNORE_INDEX = -100
+TRAINING_ARGS_JSON = "training_args.json"  # written instead of Trainer's pickled training_args.bin
 REWARD_HEAD = "score"  # the attribute *ForSequenceClassification models give their head
-HH_ASSISTANT = "\n\nAssistant:"
-CONTRACT_VERSION = 1  # haf_kernels' reward contract, as training.data.CONTRACT_VERSION
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -70,14 +72,21 @@ class HafConfig(DPOConfig):
 
     ``beta``, ``label_smoothing`` (ε of the BT and sigmoid/simpo terms), ``max_length``, ``precompute_ref_log_probs``
     and every ``TrainingArguments`` field keep their ``DPOConfig`` meaning; ``center_rewards_coefficient`` is
-    ``RewardConfig``'s. ``loss_type`` / ``loss_weights`` / ``ld_alpha`` / ``f_divergence_type`` / ``use_weighting``
-    belong to TRL's own loss and are refused when changed (use ``policy_loss``).
+    ``RewardConfig``'s. ``policy_loss``: one objective of ``haf_kernels.objectives`` or a list of them, weighted by
+    ``policy_loss_weights`` (one weight each; ``None``: 1 each). TRL's ``loss_type`` / ``loss_weights`` name the same
+    objectives, so when set (not the default ``["sigmoid"]`` / ``None``) they are copied to ``policy_loss`` /
+    ``policy_loss_weights``; setting both spellings to different values is a ``ValueError``. ``ld_alpha`` /
+    ``f_divergence_type`` / ``use_weighting`` modify TRL's own loss code and are refused when changed.
     """
 
     alpha: float = field(default=0.2, metadata={"help": "Weight of the policy (DPO-family) term; 0 is the BT RM."})
     reward_weight: float = field(default=1.0, metadata={"help": "Weight of the Bradley-Terry term; 0 is DPO-as-RM."})
-    policy_loss: str = field(
-        default="sigmoid", metadata={"help": "Policy objective of haf_kernels.objectives: sigmoid, hinge, ipo, ..."}
+    policy_loss: str | list[str] = field(
+        default="sigmoid",
+        metadata={"help": "Policy objective(s) of haf_kernels.objectives (TRL's loss_type names): sigmoid, hinge, ..."},
+    )
+    policy_loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per policy_loss objective (TRL's loss_weights); None: 1 each."}
     )
     simpo_gamma: float = field(default=0.0, metadata={"help": "SimPO target margin (policy_loss='simpo')."})
     average_log_prob: bool = field(default=False, metadata={"help": "Per-token mean log-probs instead of sums."})
@@ -94,7 +103,31 @@ class HafConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.policy_loss is None:  # HfArgumentParser's default for a list-typed field
+            self.policy_loss = "sigmoid"
+        self._take_trl_loss_type()
         self.validate_haf()
+
+    def _take_trl_loss_type(self) -> None:
+        """Copy TRL's ``loss_type`` / ``loss_weights`` (when set) to ``policy_loss`` / ``policy_loss_weights``."""
+        trl_types, trl_weights = list(self.loss_type), self.loss_weights
+        if trl_types == ["sigmoid"] and trl_weights is None:
+            return
+        try:
+            ours = objectives.split_names(self.policy_loss)
+        except (TypeError, ValueError):
+            ours = None  # validate_haf names the problem
+        ours_set = ours != ["sigmoid"] or self.policy_loss_weights is not None
+        theirs_w = None if trl_weights is None else [float(w) for w in trl_weights]
+        ours_w = None if self.policy_loss_weights is None else [float(w) for w in self.policy_loss_weights]
+        if ours_set and (ours != trl_types or ours_w != theirs_w):
+            raise ValueError(
+                f"HafConfig.loss_type/loss_weights: TRL's loss_type={trl_types}, loss_weights={trl_weights} disagree "
+                f"with policy_loss={self.policy_loss!r}, policy_loss_weights={self.policy_loss_weights}; set only "
+                "policy_loss (and policy_loss_weights)"
+            )
+        self.policy_loss = trl_types[0] if len(trl_types) == 1 else trl_types
+        self.policy_loss_weights = theirs_w
 
     def validate_haf(self) -> None:
         """``ValueError`` naming the first field of a combination the HaF loss cannot honour."""
@@ -108,19 +141,22 @@ class HafConfig(DPOConfig):
                 raise bad(name, "a finite number >= 0")
         if self.alpha == 0 and self.reward_weight == 0:
             raise ValueError("HafConfig: alpha and reward_weight are both 0, so the loss has no term")
-        if self.policy_loss not in objectives.names():
-            raise bad("policy_loss", f"one of {list(objectives.names())}")
+        try:
+            objectives.combination(self.policy_loss)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"HafConfig.policy_loss: {exc}") from None
+        try:
+            plan = objectives.combination(self.policy_loss, self.policy_loss_weights)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"HafConfig.policy_loss_weights: {exc}") from None
+        if any(o.needs_label_smoothing for o, _ in plan) and self.label_smoothing == 0:
+            raise bad("label_smoothing", "> 0 for policy_loss exo_pair (EXO's epsilon; the paper: 1e-3)")
         if self.reference_mode not in ("auto", "copy", "lora", "none"):
             raise bad("reference_mode", "'auto', 'copy', 'lora' or 'none'")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise bad("label_smoothing", "a number in [0, 0.5)")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise bad("center_rewards_coefficient", "None or a number >= 0")
-        if list(self.loss_type) != ["sigmoid"] or self.loss_weights is not None:
-            raise ValueError(
-                f"HafConfig.loss_type/loss_weights: TRL's own losses are not used by HafTrainer; set "
-                f"policy_loss (one of {list(objectives.names())}) instead, got loss_type={list(self.loss_type)}"
-            )
         for name, default in (("ld_alpha", None), ("f_divergence_type", "reverse_kl"), ("use_weighting", False)):
             if getattr(self, name) != default:
                 raise bad(name, f"{default!r} (TRL-loss option not supported by HafTrainer)")
@@ -136,7 +172,7 @@ class HafConfig(DPOConfig):
             raise bad("max_prompt_length", f"None or 0 < max_prompt_length < max_length ({self.max_length})")
         if self.reference_mode == "none" and self.precompute_ref_log_probs:
             raise ValueError("HafConfig: precompute_ref_log_probs=True needs a reference, but reference_mode='none'")
-        if objectives.get(self.policy_loss).reference_free and self.reference_mode in ("copy", "lora"):
+        if self.reference_free and self.reference_mode in ("copy", "lora"):
             raise ValueError(
                 f"HafConfig.reference_mode: policy_loss={self.policy_loss!r} is reference-free, so reference_mode "
                 f"must be 'auto' or 'none', got {self.reference_mode!r}"
@@ -151,159 +187,52 @@ class HafConfig(DPOConfig):
 
     @property
     def length_averaged(self) -> bool:
-        return self.average_log_prob or objectives.get(self.policy_loss).length_averaged
+        """Whether the loss works on per-token mean log-probs (``average_log_prob`` or a length-averaged objective)."""
+        return objectives.uses_means(self.policy_loss, self.average_log_prob)
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether an objective of ``policy_loss`` refuses reference log-probs (``simpo``): no reference then."""
+        return any(o.reference_free for o, _ in objectives.combination(self.policy_loss))
 
 
 # ---------------------------------------------------------------------------------------------- reward contract
-# The same rules as training/data.py (the one definition of the contract there; haf_kernels may not import training,
-# and tests/test_integration_trl.py checks that both give the same ids and labels).
-def _is_messages(x: Any) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
-
-
-def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Prompt and responses of two transcripts: the prompt ends after the last shared ``\\n\\nAssistant:``, else at
-    the last whitespace of the shared prefix."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    common = chosen[:n]
-    cut = common.rfind(HH_ASSISTANT)
-    if cut >= 0:
-        cut += len(HH_ASSISTANT)
-    else:
-        ws = max(common.rfind(" "), common.rfind("\n"))
-        cut = ws if ws >= 0 and n < min(len(chosen), len(rejected)) else n
-    return chosen[:cut], chosen[cut:], rejected[cut:]
-
-
-def _render_messages(tokenizer: Any, prompt: Any, chosen: list, rejected: list) -> tuple[str, str, str]:
-    """Conversational rows rendered with the chat template; without ``prompt`` it is the shared message prefix."""
-    if prompt is None:
-        k = 0
-        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
-            k += 1
-        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not prompt:
-        raise ValueError("the conversation has no prompt messages")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational rows need a tokenizer with a chat template")
-    p_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    out = []
-    for key, resp in (("chosen", chosen), ("rejected", rejected)):
-        if not resp:
-            raise ValueError(f"empty response ({key} has no messages after the prompt)")
-        full = tokenizer.apply_chat_template(list(prompt) + list(resp), tokenize=False)
-        if full.startswith(p_text):
-            out.append(full[len(p_text) :])
-            continue
-        p0 = tokenizer.apply_chat_template(prompt, tokenize=False)
-        if not full.startswith(p0):
-            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        out.append(full[len(p0) :])
-    return p_text, out[0], out[1]
-
-
-def _reward_text(prompt: str, response: str, conversational: bool) -> str:
-    if conversational or not prompt or not response or prompt[-1].isspace() or response[0].isspace():
-        return prompt + response
-    return prompt + " " + response
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    ids = list(tokenizer(text)["input_ids"])
-    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
-    if bos is not None and bos_text and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(bos_text):
-        ids = ids[1:]
-    return ids
-
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(tok, "special", False):
-            ids.add(int(i))
-    return ids
-
-
-def _truncate(prompt: list[int], response: list[int], max_length: int, max_prompt: int, keep: int):
-    if len(prompt) > max_prompt:
-        keep = max(0, min(keep, max_prompt, max(1, max_prompt // 2)))
-        tail = max_prompt - keep
-        prompt = prompt[:keep] + (prompt[len(prompt) - tail :] if tail > 0 else [])
-    return prompt, response[: max(0, max_length - len(prompt))]
-
-
 def tokenize_preference_row(
     row: Mapping[str, Any], tokenizer: Any, *, max_length: int | None = None, max_prompt_length: int | None = None
 ) -> dict[str, Any]:
     """One TRL preference row → ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and the EOS targets
-    ``chosen_end`` / ``rejected_end`` (the EOS id, or -100: none or truncated), under the reward contract.
+    ``chosen_end`` / ``rejected_end`` (the EOS id, or -100: none or truncated), under the reward contract
+    (``haf_kernels.contract``: ``preference_texts`` then ``tokenize_preference``, as ``training.data`` does).
 
     ``prompt_ids + chosen_ids`` are the ids of ``tokenizer(prompt + chosen)`` (truncated as the module docstring
-    says); the reward is read at their last token. ``ValueError`` names what is wrong with an unusable row.
+    says; ``max_prompt_length None``: 3/4 of ``max_length``); the reward is read at their last token. ``ValueError``
+    names what is wrong with an unusable row.
     """
-    if not isinstance(row, Mapping) or row.get("chosen") is None or row.get("rejected") is None:
-        raise ValueError("a preference row needs 'chosen' and 'rejected'")
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    chat = _is_messages(chosen) and _is_messages(rejected)
-    if chat:
-        prompt, chosen, rejected = _render_messages(tokenizer, prompt, chosen, rejected)
-    else:
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise ValueError("'chosen' and 'rejected' must both be strings or both lists of {role, content} messages")
-        if prompt is None:
-            if chosen == rejected:
-                raise ValueError("chosen == rejected")
-            prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
-        elif not isinstance(prompt, str):
-            raise ValueError(f"'prompt' must be a string with string responses, got {type(prompt).__name__}")
-    for key, val in (("chosen", chosen), ("rejected", rejected)):
-        if not val.strip():
-            raise ValueError(f"empty response ({key!r} is blank after splitting off the prompt)")
-    if chosen == rejected:
-        raise ValueError("chosen == rejected")
-    p = _encode(tokenizer, prompt)
-    full = [_encode(tokenizer, _reward_text(prompt, x, chat)) for x in (chosen, rejected)]
-    k = 0
-    while k < min(len(p), *(len(f) for f in full)) and full[0][k] == p[k] == full[1][k]:
-        k += 1
-    if any(len(f) <= k for f in full):
-        raise ValueError("empty response after tokenisation")
-    p, c_full, r_full = full[0][:k], full[0][k:], full[1][k:]
-    c, r = c_full, r_full
-    if max_length is not None:
-        limit = max_prompt_length if max_prompt_length is not None else max(1, max_length * 3 // 4)
-        keep = 0
-        specials = _special_ids(tokenizer)
-        while keep < len(p) and p[keep] in specials:
-            keep += 1
-        pc, c = _truncate(p, c_full, max_length, limit, keep)
-        _, r = _truncate(p, r_full, max_length, limit, keep)
-        p = pc
-    if c == r:
-        raise ValueError("chosen == rejected after tokenisation/truncation")
-    if not c or not r:
-        raise ValueError(f"a response is empty after truncation to max_length={max_length}")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ends = [
-        eos if eos is not None and len(kept) == len(whole) and whole[-1] != eos else IGNORE_INDEX
-        for kept, whole in ((c, c_full), (r, r_full))
-    ]
-    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "chosen_end": ends[0], "rejected_end": ends[1]}
+    prompt, chosen, rejected, chat = contract.preference_texts(row, tokenizer)
+    limit = max_prompt_length
+    if max_length is not None and limit is None:
+        limit = max(1, max_length * 3 // 4)
+    pair = contract.tokenize_preference(
+        tokenizer, prompt, chosen, rejected, conversational=chat, max_length=max_length, max_prompt_length=limit
+    )
+    ends = [IGNORE_INDEX if e is None else e for e in pair.end_labels]
+    return {
+        "prompt_ids": pair.prompt_ids,
+        "chosen_ids": pair.chosen_ids,
+        "rejected_ids": pair.rejected_ids,
+        "chosen_end": ends[0],
+        "rejected_end": ends[1],
+    }
 
 
 @dataclass
 class HafPreferenceCollator:
     """Right-padded ``[2B, T]`` batches (rows ``0..B-1`` chosen) of ``tokenize_preference_row`` outputs.
 
-    Returns ``input_ids``, ``attention_mask`` and ``labels`` (next-token targets of the response: ``labels[t] =
-    input_ids[t + 1]``, the EOS target at the last position, -100 elsewhere), plus ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` [B] when the rows carry them (precomputed). ``tokenizer`` gives the pad id at call time.
+    Returns ``input_ids``, ``attention_mask`` and ``labels`` (``haf_kernels.contract.pad_pairs``: next-token targets
+    of the response, ``labels[t] = input_ids[t + 1]``, the EOS target at the last position, -100 elsewhere), plus
+    ``ref_chosen_logps`` / ``ref_rejected_logps`` [B] when the rows carry them (precomputed). ``tokenizer`` gives the
+    pad id at call time.
     """
 
     tokenizer: Any
@@ -311,29 +240,22 @@ class HafPreferenceCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
-        pad = 0 if pad is None else pad
-        seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples] + [
-            e["prompt_ids"] + e["rejected_ids"] for e in examples
+        ends = [
+            tuple(
+                None if e.get(k, IGNORE_INDEX) in (None, IGNORE_INDEX) else int(e[k])
+                for k in ("chosen_end", "rejected_end")
+            )
+            for e in examples
         ]
-        n_prompt = [len(e["prompt_ids"]) for e in examples] * 2
-        ends = [e.get("chosen_end", IGNORE_INDEX) for e in examples] + [
-            e.get("rejected_end", IGNORE_INDEX) for e in examples
-        ]
-        t = max(len(s) for s in seqs)
-        if self.pad_to_multiple_of:
-            t = -(-t // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        labels = torch.full((len(seqs), t), IGNORE_INDEX, dtype=torch.long)
-        for i, (s, n_p, end) in enumerate(zip(seqs, n_prompt, ends)):
-            n = len(s)
-            ids[i, :n] = torch.tensor(s, dtype=torch.long)
-            mask[i, :n] = 1
-            start = max(n_p - 1, 0)  # hidden at t predicts token t + 1: the first target is the first response token
-            if n - 1 > start:
-                labels[i, start : n - 1] = ids[i, start + 1 : n]
-            if end is not None and end != IGNORE_INDEX and n > n_p:
-                labels[i, n - 1] = int(end)
+        ids, mask, labels = contract.pad_pairs(
+            [e["prompt_ids"] for e in examples],
+            [e["chosen_ids"] for e in examples],
+            [e["rejected_ids"] for e in examples],
+            ends,
+            0 if pad is None else pad,
+            IGNORE_INDEX,
+            self.pad_to_multiple_of or 1,
+        )
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
@@ -475,7 +397,7 @@ class HafTrainer(DPOTrainer):
         peft = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
         mode = args.reference_mode
         if mode == "auto":
-            reference_free = objectives.get(args.policy_loss).reference_free or args.alpha == 0
+            reference_free = args.reference_free or args.alpha == 0
             mode = "none" if reference_free else "model" if ref_model is not None else "lora" if peft else "copy"
         if mode == "none" and ref_model is not None:
             raise ValueError(
@@ -659,7 +581,9 @@ class HafTrainer(DPOTrainer):
                 alpha=args.alpha,
                 reward_weight=args.reward_weight,
                 policy_loss=args.policy_loss,
+                policy_loss_weights=args.policy_loss_weights,
                 simpo_gamma=args.simpo_gamma,
+                discopop_tau=args.discopop_tau,
                 average_log_prob=args.average_log_prob,
                 label_smoothing=args.label_smoothing,
                 center_rewards_coefficient=args.center_rewards_coefficient or 0.0,
@@ -736,28 +660,22 @@ class HafTrainer(DPOTrainer):
 
     def reward_contract(self) -> dict[str, Any]:
         """What scoring needs to reproduce training (``haf_reward.json``), as ``training.data.reward_contract``."""
-        tok = self._tokenizer
-        eos = getattr(tok, "eos_token_id", None)
-        return {
-            "contract_version": CONTRACT_VERSION,
-            "reward_position": "last token of tokenizer(text) with the tokenizer's default special tokens",
-            "text": "prompt + response (one space joins plain texts that meet without whitespace); conversational "
-            "rows: the chat template's rendering of the prompt and response messages",
-            "add_special_tokens": True,
-            "dedupe_bos": True,
-            "chat_template": bool(getattr(tok, "chat_template", None)),
-            "max_length": self.args.max_length,
-            "max_prompt_length": self.args.prompt_limit,
-            "truncation": {"prompt": "left, keeping leading special tokens (BOS)", "response": "right"},
-            "policy_eos_appended": eos is not None,
-            "policy_eos_token_id": eos,
-            "pad_token_id": getattr(tok, "pad_token_id", None),
-            "trainer": "haf_kernels.integrations.trl.HafTrainer",
-        }
+        record = contract.reward_contract(
+            self._tokenizer, max_length=self.args.max_length, max_prompt_length=self.args.prompt_limit
+        )
+        return {**record, "trainer": "haf_kernels.integrations.trl.HafTrainer"}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``Trainer._save`` (model, tokenizer), with the training arguments as ``training_args.json`` instead of
+        its ``training_args.bin`` (a pickle of the arguments object: code to whoever loads it), plus
+        ``haf_reward.json`` and, for PEFT, ``reward_head.safetensors``."""
         super()._save(output_dir, state_dict)
         out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:  # Trainer never reads training_args.bin back (resume reads trainer_state.json)
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            (out / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            (out / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
         (out / "haf_reward.json").write_text(json.dumps(self.reward_contract(), indent=2) + "\n", encoding="utf-8")
         if _is_peft(self.accelerator.unwrap_model(self.model)):  # the adapter files hold no reward head
             from safetensors.torch import save_file
@@ -766,6 +684,91 @@ class HafTrainer(DPOTrainer):
             save_file(
                 {f"{REWARD_HEAD}.weight": head.weight.detach().cpu().contiguous()}, str(out / "reward_head.safetensors")
             )
+
+    # ------------------------------------------------------------------ resume state without pickles
+    def _plain_state(self) -> bool:
+        """Whether the resume state is ``Trainer``'s own (one or more CPU / CUDA processes, no DeepSpeed / FSDP /
+        SageMaker MP, whose libraries write their own files): then it is stored as JSON + safetensors."""
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        return (
+            self.args.device.type in ("cpu", "cuda")
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and not is_sagemaker_mp_enabled()
+        )
+
+    def _rng_name(self) -> str:
+        return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The RNG states as ``rng_state.json`` (+ ``.safetensors``) instead of the pickled ``rng_state.pth``."""
+        if not self._plain_state():
+            return super()._save_rng_state(output_dir)
+        import random
+
+        import numpy as np
+        from transformers.training_args import ParallelMode
+
+        states: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+            states["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
+        state_files.save_state(states, output_dir, self._rng_name())
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not state_files.has_state(checkpoint, self._rng_name()):
+            return super()._load_rng_state(checkpoint)  # Trainer's own files (or none: it logs that)
+        import random
+
+        import numpy as np
+        from transformers.trainer_pt_utils import set_rng_state_for_device
+        from transformers.training_args import ParallelMode
+
+        states = state_files.load_state(checkpoint, self._rng_name())
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if torch.cuda.is_available():
+            distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+            set_rng_state_for_device("CUDA", torch.cuda, states, distributed)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Optimizer and scheduler states as ``optimizer.json`` / ``scheduler.json`` (+ ``.safetensors``) instead of
+        the pickled ``optimizer.pt`` / ``scheduler.pt``."""
+        if not self._plain_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            state_files.save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            state_files.save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not (
+            state_files.has_state(checkpoint, "optimizer") and state_files.has_state(checkpoint, "scheduler")
+        ):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # as Trainer: CPU first on one process (the optimizer moves its state to the parameters' device)
+        multi = self.args.world_size > 1 and self.args.device.type != "cpu"
+        self.optimizer.load_state_dict(
+            state_files.load_state(checkpoint, "optimizer", self.args.device if multi else "cpu")
+        )
+        self.lr_scheduler.load_state_dict(state_files.load_state(checkpoint, "scheduler"))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if not self._plain_state() or scaler is None:
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:
+            state_files.save_state(scaler.state_dict(), output_dir, "scaler")
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not state_files.has_state(checkpoint, "scaler"):
+            return super()._load_scaler(checkpoint)
+        self.accelerator.scaler.load_state_dict(state_files.load_state(checkpoint, "scaler"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """``Trainer``'s resume, plus the reward head of a PEFT checkpoint (kept beside the adapter)."""
