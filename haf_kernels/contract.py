@@ -365,3 +365,32 @@ def reward_contract(tokenizer: Any, *, max_length: int | None, max_prompt_length
         "policy_eos_token_id": eos,  # a training target after the last token; never part of the scored input
         "pad_token_id": getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
     }
+
+
+def head_transform(config: Any) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a transformers config's LM head (what the logits are before the softmax).
+
+    Gemma-2/3 ``final_logit_softcapping`` → softcap; Cohere ``logit_scale`` multiplies; Granite ``logits_scaling``
+    divides. Multimodal configs are read through their text config (``get_text_config()`` or ``text_config``).
+    """
+    if hasattr(config, "get_text_config"):
+        cfg = config.get_text_config()
+    else:
+        cfg = getattr(config, "text_config", None) or config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, None if softcap is None else float(softcap)
+
+
+def last_token_index(attention_mask: Any) -> Any:
+    """Index ``[S]`` of the last non-padding token of each row of ``attention_mask [S, T]`` (right or left
+    padding): where the reward is read."""
+    import torch
+
+    t = attention_mask.shape[1]
+    pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from haf_kernels.contract import head_transform, last_token_index
+
 if TYPE_CHECKING:
     from .data import PackedLayout
 
@@ -29,29 +31,6 @@ class RewardModelOutput:
     hidden: torch.Tensor
     rewards: torch.Tensor
     features: torch.Tensor
-
-
-def head_transform(config: Any) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` of a transformers config's LM head.
-
-    Gemma-2/3 ``final_logit_softcapping`` → softcap; Cohere ``logit_scale`` multiplies; Granite
-    ``logits_scaling`` divides. Multimodal configs are searched through ``text_config``.
-    """
-    cfg = getattr(config, "text_config", None) or config
-    scale = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:
-        scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return scale, None if softcap is None else float(softcap)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index ``[S]`` of the last non-padding token of each row (right or left padding)."""
-    t = attention_mask.shape[1]
-    pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
 
 
 # Attention implementations whose packed rows get an explicit 4D block-diagonal causal mask. transformers 5 returns a

@@ -296,19 +296,6 @@ def attach_reward_head(model: nn.Module, weight: torch.Tensor | None = None, see
     return head
 
 
-def _head_transform(config: Any) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` of the LM head (Cohere ``logit_scale``, Granite ``logits_scaling``, Gemma softcap),
-    as ``training.model.head_transform``."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:
-        scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return scale, None if softcap is None else float(softcap)
-
-
 def _install_haf_forward(lm: nn.Module) -> None:
     """Let ``lm(..., haf_compute=fn)`` run the decoder body and return ``fn(hidden [S, T, D], lm)``.
 
@@ -341,12 +328,6 @@ def _lm_head(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     dev = hidden.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-
-
-def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    t = attention_mask.shape[1]
-    pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -506,7 +487,7 @@ class HafTrainer(DPOTrainer):
         def compute(hidden: torch.Tensor, lm: nn.Module):
             w, b = _lm_head(lm)
             dt = _compute_dtype(hidden, w)
-            scale, softcap = _head_transform(lm.config)
+            scale, softcap = contract.head_transform(lm.config)
             return sequence_logprobs(
                 hidden.to(dt),
                 w.to(dt),
@@ -565,12 +546,12 @@ class HafTrainer(DPOTrainer):
 
         def compute(hidden: torch.Tensor, lm: nn.Module):
             head = getattr(lm, REWARD_HEAD)
-            idx = _last_token_index(mask)
+            idx = contract.last_token_index(mask)
             features = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
             rewards = head(features.to(head.weight.dtype)).squeeze(-1)
             w, b = _lm_head(lm)
             dt = _compute_dtype(hidden, w)
-            scale, softcap = _head_transform(lm.config)
+            scale, softcap = contract.head_transform(lm.config)
             res = fused_haf_loss(
                 hidden.to(dt),
                 w.to(dt),
@@ -647,7 +628,7 @@ class HafTrainer(DPOTrainer):
 
         def compute(hidden: torch.Tensor, m: nn.Module) -> torch.Tensor:
             head = getattr(m, REWARD_HEAD)
-            feats = hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_token_index(mask)]
+            feats = hidden[torch.arange(hidden.shape[0], device=hidden.device), contract.last_token_index(mask)]
             return head(feats.to(head.weight.dtype)).squeeze(-1).float()
 
         dev = lm.get_output_embeddings().weight.device
