@@ -32,3 +32,136 @@ def test_quick_experiment_end_to_end(tmp_path):
     unit = tmp_path / "work" / "noise0.2_seed0"
     flipped = [json.loads(line) for line in open(unit / "haf_flip" / "method_data" / "train.jsonl")]
     assert sum(bool(r.get("noisy_flipped")) for r in flipped) == round(0.1 * len(flipped))
+
+
+# ------------------------------------------------------------------ RM-quality experiment v2 (rm_quality.py)
+def test_t_quantile_matches_tables():
+    from training.experiments.stats import t_cdf, t_quantile
+
+    # two-sided 95% critical values of Student's t (printed tables, 6+ digits)
+    for df, q in [(1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (29, 2.045230), (1000, 1.962339)]:
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-6), df
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776445, abs=2e-6)
+    assert t_cdf(0.0, 3) == pytest.approx(0.5, abs=1e-12)
+    assert t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-12)  # Cauchy: 1/2 + atan(1)/π
+    with pytest.raises(ValueError, match="p must be"):
+        t_quantile(1.0, 3)
+
+
+def test_mean_ci_and_paired_difference_on_a_known_case():
+    from training.experiments.stats import mean_ci, paired_diff
+
+    c = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sd sqrt(2.5), half = t(0.975, 4) · sd / sqrt(5)
+    assert (c["mean"], c["n"]) == (3.0, 5) and c["std"] == pytest.approx(2.5**0.5)
+    assert c["half"] == pytest.approx(2.776445 * 2.5**0.5 / 5**0.5, rel=1e-6)
+    assert (c["lo"], c["hi"]) == pytest.approx((3.0 - c["half"], 3.0 + c["half"]))
+    one = mean_ci([0.7, float("nan")])
+    assert one["n"] == 1 and one["mean"] == 0.7 and one["half"] != one["half"]
+    # the same seed-to-seed spread on both sides cancels in the paired difference
+    a = [0.80, 0.90, 0.70, 0.85, 0.75]
+    b = [x - 0.02 + e for x, e in zip(a, [0.001, -0.001, 0.0, 0.002, -0.002])]
+    d = paired_diff(a, b)
+    assert d["mean"] == pytest.approx(0.02) and d["significant"] and d["lo"] > 0
+    assert not mean_ci(b)["lo"] > mean_ci(a)["hi"]  # unpaired intervals overlap: only the paired test sees it
+    noisy = paired_diff([0.1, 0.3, 0.2], [0.2, 0.1, 0.25])
+    assert noisy["mean"] == pytest.approx(0.05 / 3) and not noisy["significant"]
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_diff([1.0], [1.0, 2.0])
+
+
+def test_best_of_n_on_a_known_case():
+    from training.experiments.stats import best_of_n
+
+    scores = [[0.1, 0.9, 0.3], [2.0, 1.0, 0.0], [0.5, 0.5, 0.1], [1.0, 3.0, 2.0]]
+    true = [[0.0, 5.0, 1.0], [1.0, 4.0, 0.0], [2.0, 1.0, 0.0], [7.0, 7.0, 1.0]]
+    # picks: 1 (true best), 0 (regret 3), 0 (first of the tied scores: true best), 1 (tied true best: counts)
+    r = best_of_n(scores, true)
+    assert r == dict(recall=0.75, regret=0.75, n_prompts=4)
+    # a perfect scorer, and the reversed one
+    assert best_of_n(true, true)["recall"] == 1.0
+    worst = best_of_n([[-x for x in t] for t in true[:2]], true[:2])
+    assert worst == dict(recall=0.0, regret=(5.0 + 4.0) / 2, n_prompts=2)
+    with pytest.raises(ValueError, match="N >= 2"):
+        best_of_n([[1.0]], [[1.0]])
+
+
+def test_variants_and_their_baselines():
+    from training.experiments import rm_quality as Q
+
+    var, base = Q.variants("", ["bt", "dpo", "haf"], ["base"])
+    assert list(var) == ["bt", "dpo", "haf"] and set(base.values()) == {"bt"}
+    assert var["dpo"]["scored_by"] == "implicit" and var["haf"]["changes"] == {}
+    var, base = Q.variants("alpha", ["bt"], ["base"])
+    assert [v["changes"]["alpha"] for v in var.values()] == list(Q.ALPHAS) and set(base.values()) == {"haf_a0.0"}
+    var, base = Q.variants("beta", ["bt"], ["base"])
+    assert [v["changes"].get("beta") for v in var.values()] == [None, *Q.BETAS] and set(base.values()) == {"bt"}
+    var, base = Q.variants("size", ["bt", "haf"], ["small", "base"])
+    assert list(var) == ["bt@small", "haf@small", "bt@base", "haf@base"]
+    assert base["haf@small"] == "bt@small" and var["haf@base"]["size"] == "base"
+
+
+def _quick_unit(tmp_path, name: str):
+    from training.experiments import rm_quality as Q
+    from training.experiments.prior import build_prior
+
+    sizes = dict(Q.v1.SIZES, **Q.SIZES)
+    sizes.update(Q.QUICK, max_steps=3)
+    folder, _ = build_prior(Q.prior_config("base", quick=True), tmp_path / "priors", log=None)
+    var, _ = Q.variants("", ["bt", "dpo"], ["base"])
+    return Q.run_unit((str(tmp_path / name), 0.2, 1, sizes, var, {"base": str(folder)}))
+
+
+def test_a_unit_repeated_in_one_process_gives_bitwise_identical_records(tmp_path):
+    a, b = _quick_unit(tmp_path, "a"), _quick_unit(tmp_path, "b")
+    timing = ("train_s", "eval_s")
+    strip = lambda u: [{k: v for k, v in r.items() if k not in timing} for r in u["records"]]  # noqa: E731
+    assert len(a["records"]) == 2 and strip(a) == strip(b)
+    assert all(isinstance(r["bon_recall"], float) for r in a["records"])
+
+
+@pytest.mark.slow
+def test_rm_quality_quick_end_to_end(tmp_path):
+    from training.experiments import rm_quality as Q
+
+    res = Q.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    md = (tmp_path / "out" / "rm_quality.md").read_text()
+    assert "BoN top-1 recall" in md and "paired difference vs BT baseline" in md and " ± " in md
+    data = json.loads((tmp_path / "out" / "rm_quality.json").read_text())
+    assert data["summary"] == json.loads(json.dumps(res["summary"]))
+    recs = [r for u in data["units"] for r in u["records"]]
+    assert {(r["method"], r["seed"]) for r in recs} == {(m, s) for m in Q.QUICK_METHODS for s in (0, 1)}
+    n_test, n_bon = Q.QUICK["n_test"], Q.QUICK["bon_prompts"]
+    for r in recs:  # fractions of the whole split / prompt set
+        assert r["test_acc"] * n_test == pytest.approx(round(r["test_acc"] * n_test), abs=1e-6), r
+        assert r["bon_recall"] * n_bon == pytest.approx(round(r["bon_recall"] * n_bon), abs=1e-6), r
+        assert r["bon_regret"] >= 0 and r["bon_shift_regret"] >= 0
+    cell = data["summary"]["cells"]["haf"]["test_acc@0.2"]
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(
+        sum(r["test_acc"] for r in recs if r["method"] == "haf") / 2
+    )
+    assert data["summary"]["diffs"]["dpo"]["bon_recall@0.2"]["baseline"] == "bt"
+    assert "bt" not in data["summary"]["diffs"]
+    assert data["meta"]["prior"]["base"]["config"]["pretrain_steps"] == Q.QUICK_PRIOR["pretrain_steps"]
+    assert (tmp_path / "out" / "rm_quality.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--sweep", "alpha"], ["--sweep", "beta"], ["--sweep", "size"], ["--no-prior"]])
+def test_rm_quality_sweeps_and_no_prior_run_at_tiny_size(tmp_path, extra):
+    from training.experiments import rm_quality as Q
+
+    args = ["--quick", "--seeds", "0", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    res = Q.main(args + extra)
+    names = {r["method"] for u in res["units"] for r in u["records"]}
+    if extra == ["--sweep", "alpha"]:
+        assert names == {f"haf_a{a}" for a in Q.ALPHAS}
+    elif extra == ["--sweep", "size"]:
+        assert names == {f"{m}@{s}" for m in Q.QUICK_METHODS for s in Q.MODEL_SIZES}
+        keys = {rec["key"] for rec in res["meta"]["prior"].values()}
+        assert len(keys) == len(Q.MODEL_SIZES)  # one prior per model size
+    elif extra == ["--no-prior"]:
+        assert res["meta"]["prior"] is None and res["meta"]["base_config"].get("model", "") == ""
+        assert res["meta"]["base_config"]["model_config"] == Q.QUICK_MODEL
+    tag = "rm_quality_" + ("noprior" if extra == ["--no-prior"] else extra[1])
+    assert (tmp_path / "out" / f"{tag}.md").exists() and (tmp_path / "out" / f"{tag}.json").exists()
