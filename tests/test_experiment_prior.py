@@ -79,7 +79,8 @@ def test_trainer_starts_from_the_prior(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("pretrain_steps", 0), ("batch_size", 1.5), ("pretrain_shift_fraction", 1.5), ("lr", -1.0)]
+    ("field", "value"),
+    [("pretrain_steps", 0), ("sft_best_of", 1), ("batch_size", 1.5), ("pretrain_shift_fraction", 1.5), ("lr", -1.0)],
 )
 def test_prior_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):

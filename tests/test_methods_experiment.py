@@ -120,7 +120,6 @@ def test_a_unit_repeated_in_one_process_gives_bitwise_identical_records(tmp_path
     assert all(isinstance(r["bon_recall"], float) for r in a["records"])
 
 
-@pytest.mark.slow
 def test_rm_quality_quick_end_to_end(tmp_path):
     from training.experiments import rm_quality as Q
 
@@ -146,7 +145,6 @@ def test_rm_quality_quick_end_to_end(tmp_path):
     assert (tmp_path / "out" / "rm_quality.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--sweep", "alpha"], ["--sweep", "beta"], ["--sweep", "size"], ["--no-prior"]])
 def test_rm_quality_sweeps_and_no_prior_run_at_tiny_size(tmp_path, extra):
     from training.experiments import rm_quality as Q

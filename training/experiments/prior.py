@@ -5,8 +5,13 @@ have no prior for HaF's kept LM head to carry. ``build_prior(cfg, root)`` gives 
 
 1. **pretraining**: next-token cross-entropy on ``prompt + response + EOS`` sequences drawn from the task's
    generators (``pretrain_shift_fraction`` of them from the shifted generator, the rest in distribution);
-2. **SFT**: cross-entropy on the *preferred* response (+ EOS) of clean-labelled pairs given its prompt (the prompt
-   tokens are not targets).
+2. **SFT**: cross-entropy on the *preferred* response (+ EOS) given its prompt (the prompt tokens are not targets):
+   for each SFT prompt the best of ``sft_best_of`` generator samples by the true reward (rejection-sampling SFT;
+   ``sft_best_of=2`` is the chosen response of a clean pair).
+
+``prior.json`` also records how much the prior knows about the reward before any reward modelling: the accuracy
+against the true order of its log-likelihood margin (sum and per-token mean) on clean pairs of a separate sample
+(seed ``data_seed + 2``; not the experiment's test or shift split).
 
 Sequences are tokenised by ``training.data.load_preferences``, so they are exactly the ids the preference trainer
 sees. The result is a Hugging Face folder (``model.safetensors``, ``config.json``, the tokenizer) plus
@@ -40,9 +45,9 @@ class PriorConfig:
     """What the prior is: the model shape, the two training stages and their data.
 
     ``model_config`` are ``transformers`` Llama config overrides (vocab and special ids come from the tokenizer).
-    Pretraining draws ``pretrain_sequences`` texts (sample seed ``data_seed``), SFT uses the chosen responses of
-    ``sft_pairs`` clean pairs (sample seed ``data_seed + 1``); neither overlaps the experiment's seeds (1000+s,
-    2, 3, 7, 4000+s) as long as ``data_seed`` stays below 1000 and away from those values.
+    Pretraining draws ``pretrain_sequences`` texts (sample seed ``data_seed``), SFT uses the best of ``sft_best_of``
+    responses for each of ``sft_pairs`` prompts (sample seed ``data_seed + 1``); neither overlaps the experiment's
+    seeds (1000+s, 2, 3, 7, 4000+s) as long as ``data_seed`` stays below 1000 and away from those values.
     """
 
     model_config: dict = field(
@@ -62,6 +67,8 @@ class PriorConfig:
     pretrain_shift_fraction: float = 0.5
     pretrain_steps: int = 600
     sft_pairs: int = 2000
+    sft_best_of: int = 4
+    probe_pairs: int = 500
     sft_steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
@@ -75,10 +82,12 @@ class PriorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_sequences", "pretrain_steps", "sft_pairs", "sft_steps", "batch_size"):
+        for name in ("pretrain_sequences", "pretrain_steps", "sft_pairs", "sft_steps", "batch_size", "probe_pairs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PriorConfig.{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.sft_best_of, int) or self.sft_best_of < 2:
+            raise ValueError(f"PriorConfig.sft_best_of must be an int >= 2, got {self.sft_best_of!r}")
         if not 0.0 <= self.pretrain_shift_fraction <= 1.0:
             raise ValueError(
                 f"PriorConfig.pretrain_shift_fraction must be in [0, 1], got {self.pretrain_shift_fraction}"
@@ -148,11 +157,18 @@ def build_prior(
     if n_shift:
         texts += task.pairs((n_shift + 1) // 2, seed=cfg.data_seed, shift=True)
     write_jsonl(texts, tmp / "pretrain.jsonl")
-    write_jsonl(task.pairs(cfg.sft_pairs, seed=cfg.data_seed + 1), tmp / "sft.jsonl")
+    write_jsonl(_best_of(task, cfg), tmp / "sft.jsonl")
+    write_jsonl(task.pairs(cfg.probe_pairs, seed=cfg.data_seed + 2), tmp / "probe.jsonl")
     pre = _sequences(tmp / "pretrain.jsonl", tok, cfg, both=True, prompt_targets=True)[: cfg.pretrain_sequences]
     sft = _sequences(tmp / "sft.jsonl", tok, cfg, both=False, prompt_targets=False)
     (tmp / "pretrain.jsonl").unlink()
     (tmp / "sft.jsonl").unlink()
+    from training.data import load_preferences
+
+    probe = load_preferences(
+        str(tmp / "probe.jsonl"), tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+    )
+    (tmp / "probe.jsonl").unlink()
     # ---- model
     from training.model import build_causal_lm
 
@@ -167,6 +183,8 @@ def build_prior(
     say(f"[prior] SFT on {len(sft)} preferred responses, {cfg.sft_steps} steps")
     sft_stats = _fit(lm, sft, tok.pad_token_id, cfg, cfg.sft_steps, cfg.sft_lr, cfg.seed + 1, say, "sft")
     t2 = time.time()
+    zero_shot = _probe(lm, probe, tok.pad_token_id)
+    say(f"[prior] log-likelihood margin vs the true order: {zero_shot}")
     # ---- save: safetensors + config + tokenizer, record last
     from training.data import save_tokenizer
 
@@ -180,6 +198,7 @@ def build_prior(
         n_params=n_params,
         pretrain=pre_stats,
         sft=sft_stats,
+        zero_shot=zero_shot,
         pretrain_wall_s=t1 - t0,
         sft_wall_s=t2 - t1,
         wall_s=time.time() - t0,
@@ -192,6 +211,36 @@ def build_prior(
     BUILDS["count"] += 1
     say(f"[prior] built {out} in {record['wall_s']:.0f} s")
     return out, record
+
+
+def _best_of(task: Any, cfg: PriorConfig) -> list[dict[str, Any]]:
+    """SFT rows: per prompt, the best of ``sft_best_of`` in-distribution responses (``chosen``) and the worst."""
+    rows = []
+    for cand in task.unlabelled(cfg.sft_pairs, k=cfg.sft_best_of, seed=cfg.data_seed + 1, shift=False):
+        order = sorted(range(cfg.sft_best_of), key=lambda i: cand["true_rewards"][i])
+        best, worst = cand["responses"][order[-1]], cand["responses"][order[0]]
+        if best != worst:
+            rows.append(dict(prompt=cand["prompt"], chosen=best, rejected=worst))
+    return rows
+
+
+def _probe(lm, dataset: Any, pad_id: int) -> dict[str, float]:
+    """Accuracy against the true order of the LM's log-likelihood margin (sum and per-token mean) on clean pairs."""
+    import torch
+
+    from training.experiments.secrets_rlhf import true_accuracy
+    from training.methods.scoring import score_pairs
+    from training.model import HafRewardModel
+
+    with torch.random.fork_rng():  # the (unused) reward head's init must not move the caller's RNG
+        model = HafRewardModel(lm)
+    total = score_pairs(model, dataset, pad_token_id=pad_id, backend="torch")
+    mean = score_pairs(model, dataset, pad_token_id=pad_id, backend="torch", averaged=True)
+    return dict(
+        sum_logp_acc=true_accuracy(total.logp_chosen - total.logp_rejected, dataset),
+        mean_logp_acc=true_accuracy(mean.logp_chosen - mean.logp_rejected, dataset),
+        n_pairs=len(dataset),
+    )
 
 
 def _sequences(path: Path, tok: Any, cfg: PriorConfig, *, both: bool, prompt_targets: bool) -> list[tuple]:

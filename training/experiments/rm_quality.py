@@ -407,13 +407,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.no_prior:
         priors["__no_prior_model__"] = QUICK_MODEL if args.quick else v1.MODEL
     else:
-        from training.experiments.prior import build_prior
+        from training.experiments.prior import BUILDS, build_prior
 
         root = Path(args.work or "runs/experiments")
         for size in sizes_list:
+            built = BUILDS["count"]
             folder, rec = build_prior(prior_config(size, args.quick), root)
             priors[size], prior_records[size] = str(folder), rec
-            print(f"[rm_quality] prior {size}: {folder} (built in {rec['wall_s']:.0f} s)", flush=True)
+            how = "built" if BUILDS["count"] > built else "cached, built earlier"
+            print(f"[rm_quality] prior {size}: {folder} ({how} in {rec['wall_s']:.0f} s)", flush=True)
     jobs = [(str(work), n, s, sizes, var, priors) for n in noises for s in seeds]
     units = []
 
