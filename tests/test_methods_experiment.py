@@ -142,6 +142,9 @@ def test_rm_quality_quick_end_to_end(tmp_path):
     assert data["summary"]["diffs"]["dpo"]["bon_recall@0.2"]["baseline"] == "bt"
     assert "bt" not in data["summary"]["diffs"]
     assert data["meta"]["prior"]["base"]["config"]["pretrain_steps"] == Q.QUICK_PRIOR["pretrain_steps"]
+    zero = data["meta"]["prior_zero_shot"]["base"]  # the SFT prior alone, scored by its log-likelihood
+    assert set(zero) == {m for m, _, _ in Q.METRICS} and 0.0 <= zero["bon_recall"] <= 1.0
+    assert "SFT prior alone" in md
     assert (tmp_path / "out" / "rm_quality.png").stat().st_size > 1000
 
 

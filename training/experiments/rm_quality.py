@@ -112,7 +112,7 @@ def prior_config(size: str, quick: bool) -> PriorConfig:
 
 
 def bon_sets(work: Path, sizes: dict[str, int]) -> dict[str, Path]:
-    """Best-of-N candidate sets (in distribution, sample seed 5; shifted, 6) as pair files for the scorer.
+    """Best-of-N candidate sets (in distribution, sample seeds 50000+; shifted, 60000+) as pair files for the scorer.
 
     Each prompt's N distinct responses are written as N/2 pairs ``(r_2j, r_2j+1)`` (so every response is scored
     once); prompts whose N responses are not all distinct are skipped and redrawn. Shared by every run.
@@ -125,14 +125,14 @@ def bon_sets(work: Path, sizes: dict[str, int]) -> dict[str, Path]:
         raise ValueError(f"bon_n must be an even number >= 2, got {k}")
     paths = {}
     for split, seed, shift in (("bon", 5, False), ("bon_shift", 6, True)):
-        path = work / "data" / f"{split}_p{n}_n{k}.jsonl"
+        path = work / "data" / f"{split}_s{10_000 * seed}_p{n}_n{k}.jsonl"
         paths[split] = path
         if path.exists():
             continue
         rows: list[dict[str, Any]] = []
         draw = 0
         while len(rows) < n * k // 2:
-            for cand in task.unlabelled(n, k=k, seed=100 * seed + draw, shift=shift):
+            for cand in task.unlabelled(n, k=k, seed=10_000 * seed + draw, shift=shift):
                 if len(set(cand["responses"])) < k or len(rows) >= n * k // 2:
                     continue
                 rs, ts = cand["responses"], cand["true_rewards"]
@@ -201,6 +201,54 @@ def evaluate(run_dir: Path, paths: dict[str, str], scored_by: str, bon_n: int) -
         out[f"{split}_recall"] = res["recall"]
         out[f"{split}_regret"] = res["regret"]
     return out
+
+
+def evaluate_prior(folder: str, paths: dict[str, str], bon_n: int) -> dict[str, float]:
+    """The same metrics for the SFT prior alone, scored by its per-token mean log-likelihood (no reward training).
+
+    One deterministic value per prior (no seeds): what the policy prior knows about the true reward."""
+    import torch
+
+    from training.config import TrainConfig
+    from training.data import load_tokenizer
+    from training.methods.scoring import score_pairs
+    from training.trainer import build_model
+
+    cfg = TrainConfig.from_dict(dict(base_config(folder, None), train_data=paths["train"], run_dir=folder))
+    tok = load_tokenizer(cfg)
+    with torch.random.fork_rng():
+        model = build_model(cfg, tok).eval()
+    kw = dict(pad_token_id=tok.pad_token_id, backend=cfg.backend, averaged=True)
+    out: dict[str, float] = {}
+    for split in ("test", "shift"):
+        ds = v1.load_split(paths[split], tok, cfg)
+        sc = score_pairs(model, ds, **kw)
+        out[f"{split}_acc"] = v1.true_accuracy(sc.logp_chosen - sc.logp_rejected, ds)
+    for split in ("bon", "bon_shift"):
+        ds = v1.load_split(paths[split], tok, cfg)
+        sc = score_pairs(model, ds, **kw)
+        flat = [x for ex in ds.examples for x in (ex.columns["true_reward_chosen"], ex.columns["true_reward_rejected"])]
+        res = best_of_n(
+            _per_response(sc.logp_chosen, sc.logp_rejected, bon_n),
+            [flat[i : i + bon_n] for i in range(0, len(flat), bon_n)],
+        )
+        out[f"{split}_recall"], out[f"{split}_regret"] = res["recall"], res["regret"]
+    return out
+
+
+def prior_markdown(zero_shot: dict[str, dict[str, float]]) -> str:
+    """One row per prior size: its metrics scored by the SFT policy's per-token mean log-likelihood."""
+    cols = [m for m, _, _ in METRICS]
+    lines = [
+        "**SFT prior alone** (per-token mean log-likelihood as the reward, no reward training; one value per prior)",
+        "",
+        "| prior | " + " | ".join(cols) + " |",
+        "|" + " --- |" * (1 + len(cols)),
+    ]
+    for size, res in zero_shot.items():
+        cells = [f"{s * res[m]:.1f}" if s == 100.0 else f"{res[m]:.3f}" for m, _, s in METRICS]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def base_config(prior: str | None, size_model: dict[str, Any] | None) -> dict[str, Any]:
@@ -416,6 +464,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             priors[size], prior_records[size] = str(folder), rec
             how = "built" if BUILDS["count"] > built else "cached, built earlier"
             print(f"[rm_quality] prior {size}: {folder} ({how} in {rec['wall_s']:.0f} s)", flush=True)
+    zero_shot: dict[str, dict[str, float]] = {}
+    if not args.no_prior:
+        paths = v1.write_data(work, sizes, noises[0], seeds[0])  # the shared splits (the unit rewrites its own)
+        paths.update({k: str(v) for k, v in bon_sets(work, sizes).items()})
+        for size in sizes_list:
+            zero_shot[size] = evaluate_prior(priors[size], paths, sizes["bon_n"])
+            print(f"[rm_quality] SFT prior {size} alone: {zero_shot[size]}", flush=True)
     jobs = [(str(work), n, s, sizes, var, priors) for n in noises for s in seeds]
     units = []
 
@@ -447,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes=sizes,
         sweep=args.sweep,
         prior=None if args.no_prior else prior_records,
+        prior_zero_shot=zero_shot or None,
         base_config=base_config(None if args.no_prior else "<prior>", priors.get("__no_prior_model__")),
         variants=var,
         baseline_of=base_of,
@@ -456,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     result = dict(meta=meta, summary=summary, units=units)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
-    md = markdown(summary, names, labels, noises)
+    md = markdown(summary, names, labels, noises) + ("\n" + prior_markdown(zero_shot) if zero_shot else "")
     head = (
         f"RM quality v2{' (' + args.sweep + ' sweep)' if args.sweep else ''}"
         f"{', no prior' if args.no_prior else ', from the SFT prior'}: seeds {seeds}, wall time {wall:.0f} s "
