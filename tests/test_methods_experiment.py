@@ -161,6 +161,8 @@ def test_rm_quality_sweeps_and_no_prior_run_at_tiny_size(tmp_path, extra):
         assert names == {f"{m}@{s}" for m in Q.QUICK_METHODS for s in Q.MODEL_SIZES}
         keys = {rec["key"] for rec in res["meta"]["prior"].values()}
         assert len(keys) == len(Q.MODEL_SIZES)  # one prior per model size
+        md = (tmp_path / "out" / "rm_quality_size.md").read_text()
+        assert "| HaF (alpha=0.2)@small − BT baseline (alpha=0)@small |" in md  # each size against its own BT
     elif extra == ["--no-prior"]:
         assert res["meta"]["prior"] is None and res["meta"]["base_config"].get("model", "") == ""
         assert res["meta"]["base_config"]["model_config"] == Q.QUICK_MODEL

@@ -343,6 +343,7 @@ def summarise(
 
 
 def _fmt(c: dict[str, Any], scale: float, digits: int, signed: bool = False) -> str:
+    """``mean ± half`` of a cell (× ``scale``), ``*`` when significant; ``n/a`` without values."""
     if c["mean"] != c["mean"]:
         return "n/a"
     m = f"{scale * c['mean']:+.{digits}f}" if signed else f"{scale * c['mean']:.{digits}f}"
@@ -362,16 +363,15 @@ def markdown(summary: dict[str, Any], names: list[str], labels: dict[str, str], 
             lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
         rows = [n for n in names if n in summary["diffs"]]
         if rows:
-            base = summary["diffs"][rows[0]][f"{metric}@{noises[0]}"]["baseline"]
-            lines += [
-                "",
-                f"paired difference vs {labels.get(base, base)} (same seeds), ± 95% CI, * : CI excludes 0",
-                "",
-            ]
+            bases = list(dict.fromkeys(summary["diffs"][r][f"{metric}@{noises[0]}"]["baseline"] for r in rows))
+            vs = labels.get(bases[0], bases[0]) if len(bases) == 1 else "the baseline of its row"
+            lines += ["", f"paired difference vs {vs} (same seeds), ± 95% CI, * : CI excludes 0", ""]
             lines += ["| method | " + " | ".join(f"ρ={n}" for n in noises) + " |", "|" + " --- |" * (1 + len(noises))]
             for name in rows:
                 cells = [_fmt(summary["diffs"][name][f"{metric}@{n}"], scale, digits, signed=True) for n in noises]
-                lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+                base = summary["diffs"][name][f"{metric}@{noises[0]}"]["baseline"]
+                row = labels[name] if len(bases) == 1 else f"{labels[name]} − {labels.get(base, base)}"
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -405,6 +405,7 @@ def plot(summary: dict[str, Any], names: list[str], noises: list[float], path: P
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the options, build the prior(s), run every (noise, seed) unit, write the JSON, Markdown and plot."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny end-to-end run (CI): 2 seeds, noise 0.2, few steps")
     ap.add_argument("--no-prior", action="store_true", help="the old setting: secrets_rlhf's model from random init")
