@@ -71,8 +71,8 @@ KNOBS: tuple[Knob, ...] = (
         "grad_filter",
         "HAF_GRAD_FILTER",
         "float",
-        "Triton backward skips tiles whose softmax gradient, onehot − p before the upstream gradient, "
-        "is below this in magnitude (0: off, the default)",
+        "Triton and cpp backward skip the GEMM work of tiles whose softmax gradient, onehot − p before the "
+        "upstream gradient, is below this in magnitude (cpp keeps the targets' entries; 0: off, the default)",
     ),
     Knob("autotune", "HAF_AUTOTUNE", "bool", "autotune the Triton forward tiles (never in the interpreter)"),
 )
