@@ -583,3 +583,29 @@ def test_grad_filter_whole_loss_repeatable(threads, monkeypatch):
         assert cpp.filter_stats()[1] > 0
     for a, c in zip(*results, strict=True):
         assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- the cached kept-logits buffer (HAF_CPP_KEEP_CACHE)
+
+
+def test_keep_buffer_reused_only_when_free():
+    """forward_keep hands the cached buffer out again only once nobody holds it (never two live aliases), and
+    results are bitwise those of fresh buffers (``cpp_keep_cache=False``)."""
+    h, w, y, b = make_inputs(40, 300, 16, bias=True, ignore_frac=0.1)
+    g = torch.randn(40)
+    cached = LogprobOptions(chunk_tokens=8, chunk_vocab=64)
+    fresh = dataclasses.replace(cached, tuning=dataclasses.replace(cached.tuning, cpp_keep_cache=False))
+    expect = run_backend("keep", h, w, y, b, fresh, g)
+    cpp.release_keep_buffer()
+    first = cpp.forward_keep(h, w, y, b, cached)[2]
+    held = cpp.forward_keep(h, w, y, b, cached)[2]  # `first` is alive: a new buffer
+    assert held.data_ptr() != first.data_ptr()
+    ptr = first.data_ptr()
+    del first, held
+    again = cpp.forward_keep(h[:30], w, y[:30], b, cached)[2]  # free again (and large enough): reused
+    assert again.data_ptr() == ptr and again.numel() == 30 * 300
+    del again
+    out = run_backend("keep", h, w, y, b, cached, g)
+    for a, c, name in zip(expect, out, ("logp", "lse", "dh", "dw", "db"), strict=True):
+        assert torch.equal(a, c), name
+    cpp.release_keep_buffer()

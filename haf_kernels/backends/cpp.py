@@ -206,8 +206,18 @@ def forward_keep(
     bias: torch.Tensor | None,
     opts: LogprobOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like ``forward`` but also returns the logits (fp32/fp64, ``[N·V]`` tile-major) for ``backward_saved``."""
-    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True))
+    """Like ``forward`` but also returns the logits (fp32/fp64, ``[N·V]`` tile-major) for ``backward_saved``.
+
+    With ``Tuning.cpp_keep_cache`` (``HAF_CPP_KEEP_CACHE``, default on) the buffer is a cached one, reused once
+    the previous caller dropped it (``release_keep_buffer`` frees it).
+    """
+    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True), opts.tuning.cpp_keep_cache)
+
+
+def release_keep_buffer() -> None:
+    """Drop the kept-logits buffer ``forward_keep`` caches (memory returns once no tensor uses it)."""
+    if _C is not None:
+        _C.release_keep_buffer()
 
 
 def backward_saved(
