@@ -519,11 +519,14 @@ def filter_inputs(n=96, v=3000, d=64, seed=3):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_grad_filter_skips_blocks_within_stated_bound(strategy):
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_grad_filter_skips_blocks_within_stated_bound(restore_isa, isa_name, strategy):
     """On peaked rows filtering makes most blocks sparse, and the filtered gradients differ from the unfiltered
     ones by at most the bound cpp.py states: ``ε·|g_t|·Σ_j |W_j|`` for dH[t], ``ε·Σ_t |g_t|·|h_t|`` for dW[j]
     (every dropped entry has ``|onehot − p| <= ε``); the targets' entries are never dropped (half the labels
-    are not the peak, so a dropped target would cost ~|g|·|W_y|, far above the bound); db is exact."""
+    are not the peak, so a dropped target would cost ~|g|·|W_y|, far above the bound); db is exact. On every
+    SIMD path (the block test is a vectorised max of |dz|)."""
+    cpp.set_isa(isa_name)
     h, w, y = filter_inputs()
     b = torch.randn(w.shape[0]) * 0.1
     g = torch.randn(h.shape[0], dtype=torch.float64)
@@ -561,6 +564,17 @@ def test_grad_filter_nothing_qualifies_is_bitwise_off():
             assert cpp.filter_stats()[1] == 0, (strategy, eps, cpp.filter_stats())
             for a, c, name in zip(off, on, ("logp", "lse", "dh", "dw", "db"), strict=True):
                 assert torch.equal(a, c), f"{strategy} {name} eps={eps}"
+
+
+def test_grad_filter_keeps_nan():
+    """A NaN gradient entry makes its block dense (never filtered away as small): NaN reaches dH and dW."""
+    h, w, y = filter_inputs(32, 600, 64)
+    h[5, 3] = float("nan")
+    opts = with_filter(LogprobOptions(chunk_tokens=8, chunk_vocab=128), FILTER_EPS)
+    for strategy in STRATEGIES:
+        _, _, dh, dw, _ = run_backend(strategy, h, w, y, None, opts, torch.ones(32))
+        assert torch.isnan(dh[5]).all() and torch.isnan(dw).any()
+        assert cpp.filter_stats()[1] > 0
 
 
 def test_grad_filter_whole_loss_repeatable(threads, monkeypatch):
