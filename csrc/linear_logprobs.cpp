@@ -24,6 +24,19 @@
 // (torch 0.356). dW GEMMs with a short inner dimension cost more (hence 512-token blocks on the keep path);
 // first-touch page faults of fresh 64 MiB buffers (~30 ms each) remain: a huge-page hint (madvise) on them did
 // not help consistently (better at 1 thread, worse at 2), so there is none.
+//
+// Profile of 2026-12-02 (same VM, busy: load 2-4 on 2 cores; 1 thread, CPU ms, one chunk n=512, D=512,
+// V=32000): H·Wᵀ 327, G·W 249, Gᵀ·H 281 (GEMMs 857); forward_keep 345 (forward 320), backward_saved ~600
+// (keep path ~945 = 1.10× its GEMMs); a fresh 62.5 MiB buffer's first touch 52-61 ms. Predictions, from that:
+// gradient filtering skips 2 of 3 GEMMs in a sparse block (peaky: ~83% of 128-token blocks, so ~55% of the
+// backward, ~35% of the loss; random: none); reusing the kept buffer saves its page faults, ~5% per chunk;
+// the row passes (one exp pass each way) and the kept buffer's traffic (3 × 62.5 MiB) are ≤ 5% and ~2%;
+// bigger multi-threaded GEMMs and other slot schedules: ~0 (per-block single-threaded MKL is as fast).
+// Measured (whole fused_haf_loss, 4 pairs × 256 × 512 × 32000, 2 threads, interleaved runs): filtering at
+// 2^-12 on peaky 4.5 s → 3.0 s CPU (−36%) at a dH error of 3e-2 (vs 1.5e-6 unfiltered, 1.9e-4 naive fp32;
+// dW 7.9e-3): the dropped off-target mass of a peaked row equals its target's 1 − p, so no threshold that
+// filters anything is accuracy-neutral (1e-4: 4 of 128 blocks, already 2e-3), hence opt-in; at 8 pairs × 512 ×
+// 1024 peaky, 26.1 → 13.7 s CPU (3 reps each); the kept-buffer cache: −47 ms of system time per chunk, see keep_buffer.
 #include <torch/extension.h>
 
 #ifdef _OPENMP
@@ -31,6 +44,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <exception>
 #include <limits>
@@ -53,7 +67,12 @@ struct Config {
   int64_t chunk_tokens;
   int64_t vocab_tile;
   int64_t partial_bytes = int64_t(64) << 20;  // bound on the per-thread dH partials of backward (all threads)
+  double grad_filter = 0.0;  // > 0: gradient filtering threshold on |onehot − p|·chain·scale (see tile_dlogits)
 };
+
+// Blocks of the last backward call: how many there were and how many gradient filtering made sparse
+// (read by tests and benchmarks through _C.filter_stats()).
+std::atomic<int64_t> g_blocks{0}, g_sparse_blocks{0};
 
 struct Tiling {
   int64_t vocab, tile, count;
@@ -63,6 +82,9 @@ struct Tiling {
 };
 
 int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// Most token rows of one backward block when gradient filtering is on.
+constexpr int64_t kFilterChunkTokens = 128;
 
 // Slots of the deterministic mode: the most threads it can use (a larger count costs more dH partials).
 constexpr int64_t kDeterministicSlots = 8;
@@ -177,9 +199,17 @@ std::pair<T, T> lse_split(double lse) {
 }
 
 // dL/d(raw logits) of one tile in place (z holds transformed logits on entry); db += column sums.
+//
+// Gradient filtering (cfg.grad_filter = ε > 0): returns true when every entry off the targets is negligible,
+// |(onehot − p)·chain·scale| = |dz| / |g| <= ε. The caller then applies only the targets' entries (one per row
+// at most: rank-1 updates of dH and dW instead of the two GEMMs); the dropped entries' contribution to
+// dH[t] is at most ε·|g_t|·Σ_{j dropped}|W_j| (elementwise), and to dW[j] at most ε·Σ_t |g_t|·|h_t|. A target's
+// entry is never dropped, and db always gets the full rows. Returns false when filtering is off.
 template <typename T>
-void tile_dlogits(T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, const int64_t* labels,
+bool tile_dlogits(T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, const int64_t* labels,
                   const T* g, const double* lse, const Config& cfg, T* db) {
+  const bool filter = cfg.grad_filter > 0;
+  bool sparse = filter;
   const T scale = static_cast<T>(cfg.scale);
   const bool capped = cfg.softcap > 0;
   const T inv_cap = capped ? static_cast<T>(1.0 / cfg.softcap) : T(0);
@@ -204,8 +234,38 @@ void tile_dlogits(T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, cons
     } else {
       row_dlogits(zr, cols, hi, lo, -gt * scale);
     }
+    if (sparse) {  // the largest |dz| off the target (the target's own entry is set aside for the scan)
+      const T at_y = hit ? zr[y - v0] : T(0);
+      if (hit) zr[y - v0] = T(0);
+      const T m = row_absmax(zr, cols);
+      if (hit) zr[y - v0] = at_y;
+      sparse = static_cast<double>(m) <= cfg.grad_filter * std::fabs(static_cast<double>(gt));
+    }
     if (hit) zr[y - v0] += gt * scale * chain_y;
     if (db != nullptr) row_accumulate(db, zr, cols);
+  }
+  return sparse;
+}
+
+// dH rows += dz[t, y_t]·W[y_t] and dW[y_t] += dz[t, y_t]·h_t for the rows whose target lies in this tile (the
+// only entries a sparse block keeps; see tile_dlogits).
+template <typename T>
+void tile_sparse_update(const T* z, int64_t rows, int64_t cols, int64_t r0, int64_t v0, int64_t d,
+                        const int64_t* labels, const T* g, const T* h, const T* w_tile, T* dh_rows, T* dw_tile) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = r0 + r, y = labels[t];
+    if (g[t] == T(0) || y < v0 || y >= v0 + cols) continue;
+    const T c = z[r * cols + (y - v0)];
+    const T* wy = w_tile + (y - v0) * d;
+    const T* ht = h + t * d;
+    if (dh_rows != nullptr) {
+      T* out = dh_rows + r * d;
+      for (int64_t k = 0; k < d; ++k) out[k] += c * wy[k];
+    }
+    if (dw_tile != nullptr) {
+      T* out = dw_tile + (y - v0) * d;
+      for (int64_t k = 0; k < d; ++k) out[k] += c * ht[k];
+    }
   }
 }
 
@@ -345,7 +405,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
   const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
   const auto opt = h.options();
   const Tiling tl(vocab, std::min(cfg.vocab_tile, vocab));
-  const int64_t tc = std::min(cfg.chunk_tokens, std::max<int64_t>(n, 1));
+  // Filtering decides per block: smaller token chunks let more blocks qualify (peaky regime, 512 tokens × 32k ×
+  // 512, ε = 2^-12: 15 of 32 blocks of 512 rows, 106 of 128 of 128 rows; the saved layout does not depend on it).
+  const int64_t chunk = cfg.grad_filter > 0 ? std::min(cfg.chunk_tokens, kFilterChunkTokens) : cfg.chunk_tokens;
+  const int64_t tc = std::min(chunk, std::max<int64_t>(n, 1));
   const int64_t slots = slot_count(tl.count), team = team_size(slots);
   const bool convert = weight.scalar_type() != h.scalar_type();
   need_b = need_b && bias.defined();
@@ -390,9 +453,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
   T* db_p = need_b ? db.data_ptr<T>() : nullptr;
   T* parts_p = parts.defined() ? parts.data_ptr<T>() : nullptr;
 
+  std::atomic<int64_t> all_blocks{0}, all_sparse{0};
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     const int64_t nb = std::min(block, n - b0);
     run_slots(slots, [&](int64_t slot, int64_t tid) {
+      int64_t blocks = 0, sparse_blocks = 0;
       T* dh_acc = nullptr;
       if (need_h) {
         dh_acc = slot == 0 ? dh_p + b0 * d : parts_p + (slot - 1) * block * d;
@@ -417,7 +482,18 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
             at::mm_out(zt, h_rows, wt.t());
             transform_rows(z, rows, cols, b_p == nullptr ? nullptr : b_p + v0, cfg);
           }
-          tile_dlogits(z, rows, cols, r0, v0, y_p, g_p, lse_p, cfg, need_b ? db_p + v0 : nullptr);
+          const bool sparse = tile_dlogits(z, rows, cols, r0, v0, y_p, g_p, lse_p, cfg, need_b ? db_p + v0 : nullptr);
+          ++blocks;
+          if (sparse) {
+            ++sparse_blocks;
+            if (need_w && !dw_written) {
+              dw_tile.zero_();
+              dw_written = true;
+            }
+            tile_sparse_update(z, rows, cols, r0, v0, d, y_p, g_p, h_p, wt.const_data_ptr<T>(),
+                               need_h ? dh_acc + (r0 - b0) * d : nullptr, need_w ? dw_p + v0 * d : nullptr);
+            continue;
+          }
           Tensor dz = blob(z, {rows, cols});
           if (need_h) blob(dh_acc + (r0 - b0) * d, {rows, d}).addmm_(dz, wt);
           if (need_w && dw_written) {
@@ -429,6 +505,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
         }
         if (need_w && !dw_written) dw_tile.zero_();
       }
+      all_blocks += blocks;
+      all_sparse += sparse_blocks;
     });
     if (need_h && slots > 1) {
       T* dst = dh_p + b0 * d;
@@ -440,6 +518,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& g_in, const Tenso
       });
     }
   }
+  g_blocks = all_blocks.load();
+  g_sparse_blocks = all_sparse.load();
   return {dh, dw, db};
 }
 
@@ -474,13 +554,44 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   return forward_impl<float>(p.h, p.weight, p.labels, p.bias, cfg, nullptr);
 }
 
+// The kept-logits buffer of the last forward_keep (reuse = true), handed out again once nobody else holds it:
+// the whole-loss path calls forward_keep once per chunk of pairs, and a fresh [N·V] buffer costs its
+// first-touch page faults every time. Measured (n=512, D=512, V=32000, 1 thread, 8 interleaved reps each):
+// minor faults per forward_keep+backward_saved 32002 → 16001 (dW's remain), system time 105 → 58 ms median;
+// whole loss (4 pairs × 256, 2 threads, 6 reps each) 4433 → 4308 ms median (spread ±150 ms). It holds one
+// chunk's logits between calls (no change of peak). Off unless HAF_CPP_KEEP_CACHE=1: the whole-loss gain is within
+// this VM's noise, and the buffer is process-global state. Never destroyed.
+std::mutex g_keep_mutex;
+Tensor* g_keep_cache = new Tensor();
+
+Tensor keep_buffer(int64_t numel, const at::TensorOptions& opt, bool reuse) {
+  std::lock_guard<std::mutex> lock(g_keep_mutex);
+  Tensor& cache = *g_keep_cache;
+  const bool free = cache.defined() && cache.use_count() == 1 && cache.storage().use_count() == 1;
+  if (!reuse) return at::empty({numel}, opt);  // (the cache stays for callers that use it)
+  if (free && cache.scalar_type() == opt.dtype().toScalarType() && cache.numel() >= numel) {
+    return cache.narrow(0, 0, numel);
+  }
+  Tensor fresh = at::empty({numel}, opt);
+  if (cache.defined() && !free) return fresh;  // a buffer still in use is never dropped from the cache
+  // Callers get a view (their own TensorImpl): the cache's is never handed to Python, whose object preservation
+  // would keep it referenced; the storage's use count then says whether any view is alive.
+  cache = fresh;
+  return cache.narrow(0, 0, numel);
+}
+
+void release_keep_buffer() {
+  std::lock_guard<std::mutex> lock(g_keep_mutex);
+  *g_keep_cache = Tensor();
+}
+
 std::tuple<Tensor, Tensor, Tensor> forward_keep(const Tensor& hidden, const Tensor& weight, const Tensor& labels,
                                                 const std::optional<Tensor>& bias, int64_t ignore_index,
                                                 double logit_scale, std::optional<double> softcap,
-                                                int64_t chunk_tokens, int64_t vocab_tile) {
+                                                int64_t chunk_tokens, int64_t vocab_tile, bool reuse_buffer) {
   const Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
   Prepared p = prepare(hidden, weight, labels, bias, cfg);
-  Tensor saved = at::empty({hidden.size(0) * weight.size(0)}, p.h.options());
+  Tensor saved = keep_buffer(hidden.size(0) * weight.size(0), p.h.options(), reuse_buffer);
   if (p.compute == at::kDouble) {
     auto [logp, lse] = forward_impl<double>(p.h, p.weight, p.labels, p.bias, cfg, saved.data_ptr<double>());
     return {logp, lse, saved};
@@ -495,12 +606,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_common(const std::optional<Tensor>& 
                                                    int64_t ignore_index, double logit_scale,
                                                    std::optional<double> softcap, int64_t chunk_tokens,
                                                    int64_t vocab_tile, bool need_h, bool need_w, bool need_b,
-                                                   int64_t partial_bytes,
+                                                   int64_t partial_bytes, double grad_filter,
                                                    const std::optional<Tensor>& dw_acc_in = std::nullopt,
                                                    const std::optional<Tensor>& db_acc_in = std::nullopt) {
   Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
   TORCH_CHECK_VALUE(partial_bytes >= 1, "haf_kernels._C: partial_bytes must be positive, got ", partial_bytes);
   cfg.partial_bytes = partial_bytes;
+  TORCH_CHECK_VALUE(grad_filter >= 0 && std::isfinite(grad_filter),
+                    "haf_kernels._C: grad_filter must be a finite number >= 0, got ", grad_filter);
+  cfg.grad_filter = grad_filter;
   Prepared p = prepare(hidden, weight, labels, bias, cfg);
   const int64_t n = hidden.size(0);
   check_row_vector("grad_logp", grad_logp, n);
@@ -535,9 +649,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_logp, const Tenso
                                             const Tensor& labels, const std::optional<Tensor>& bias, const Tensor& lse,
                                             int64_t ignore_index, double logit_scale, std::optional<double> softcap,
                                             int64_t chunk_tokens, int64_t vocab_tile, bool need_h, bool need_w,
-                                            bool need_b, int64_t partial_bytes) {
+                                            bool need_b, int64_t partial_bytes, double grad_filter) {
   return backward_common(std::nullopt, grad_logp, hidden, weight, labels, bias, lse, ignore_index, logit_scale,
-                         softcap, chunk_tokens, vocab_tile, need_h, need_w, need_b, partial_bytes);
+                         softcap, chunk_tokens, vocab_tile, need_h, need_w, need_b, partial_bytes, grad_filter);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_saved(const Tensor& saved, const Tensor& grad_logp, const Tensor& hidden,
@@ -547,10 +661,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_saved(const Tensor& saved, const Ten
                                                   std::optional<double> softcap, int64_t chunk_tokens,
                                                   int64_t vocab_tile, bool need_h, bool need_w, bool need_b,
                                                   const std::optional<Tensor>& dw_acc,
-                                                  const std::optional<Tensor>& db_acc, int64_t partial_bytes) {
+                                                  const std::optional<Tensor>& db_acc, int64_t partial_bytes,
+                                                  double grad_filter) {
   TORCH_CHECK(saved.defined(), "haf_kernels._C: saved must be the tensor returned by forward_keep");
   return backward_common(saved, grad_logp, hidden, weight, labels, bias, lse, ignore_index, logit_scale, softcap,
-                         chunk_tokens, vocab_tile, need_h, need_w, need_b, partial_bytes, dw_acc, db_acc);
+                         chunk_tokens, vocab_tile, need_h, need_w, need_b, partial_bytes, grad_filter, dw_acc,
+                         db_acc);
 }
 
 }  // namespace
@@ -564,18 +680,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap"), py::arg("chunk_tokens"), py::arg("vocab_tile"));
   m.def("forward_keep", &haf::forward_keep, "logp[N], lse[N], saved[N*V] (logits kept tile-major for backward_saved)",
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"),
-        py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"), py::arg("vocab_tile"));
+        py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"), py::arg("vocab_tile"),
+        py::arg("reuse_buffer") = false);
+  m.def("release_keep_buffer", &haf::release_keep_buffer,
+        "drop the cached kept-logits buffer of forward_keep(reuse_buffer=True) (freed once nobody holds it)");
   m.def("backward", &haf::backward, "dh[N,D], dw[V,D], db[V] in the compute dtype; recomputes the logits",
         py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
         py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
         py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"),
-        py::arg("partial_bytes") = int64_t(64) << 20);
+        py::arg("partial_bytes") = int64_t(64) << 20, py::arg("grad_filter") = 0.0);
   m.def("backward_saved", &haf::backward_saved,
         "dh, dw, db from the logits kept by forward_keep (consumed: overwritten with dL/dlogits)", py::arg("saved"),
         py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
         py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),
         py::arg("vocab_tile"), py::arg("need_h"), py::arg("need_w"), py::arg("need_b"),
-        py::arg("dw_acc") = py::none(), py::arg("db_acc") = py::none(), py::arg("partial_bytes") = int64_t(64) << 20);
+        py::arg("dw_acc") = py::none(), py::arg("db_acc") = py::none(), py::arg("partial_bytes") = int64_t(64) << 20,
+        py::arg("grad_filter") = 0.0);
+  m.def(
+      "filter_stats", []() { return std::make_tuple(haf::g_blocks.load(), haf::g_sparse_blocks.load()); },
+      "(blocks, sparse blocks) of the last backward call: blocks whose dH / dW GEMMs gradient filtering replaced");
   m.def("isa", &haf::isa_active, "instruction set of the float row kernels in use (x86-64-v4, x86-64-v3, default)");
   m.def("isa_supported", &haf::isa_supported, "instruction sets this CPU and build can run, best first");
   m.def("set_isa", &haf::set_isa, "force the float row kernels' instruction set ('auto' = best supported)",

@@ -27,12 +27,13 @@ struct RowTable {
   double (*sumexp)(const float*, int64_t, float);
   void (*dlogits)(float*, int64_t, float, float, float);
   void (*dlogits_capped)(float*, int64_t, float, float, float, float);
+  float (*absmax)(const float*, int64_t);
   void (*accumulate)(float*, const float*, int64_t);
 };
 
 #define HAF_ROW_TABLE(ns, label) \
   RowTable { label, ns::row_affine, ns::row_softcap, ns::row_max, ns::row_sumexp, ns::row_dlogits, \
-             ns::row_dlogits_capped, ns::row_accumulate }
+             ns::row_dlogits_capped, ns::row_absmax, ns::row_accumulate }
 
 #if HAF_MULTI_ISA
 #pragma GCC push_options
@@ -126,6 +127,7 @@ void row_dlogits(float* z, int64_t n, float hi, float lo, float coef) { table().
 void row_dlogits_capped(float* z, int64_t n, float hi, float lo, float coef, float inv_cap) {
   table().dlogits_capped(z, n, hi, lo, coef, inv_cap);
 }
+float row_absmax(const float* z, int64_t n) { return table().absmax(z, n); }
 void row_accumulate(float* acc, const float* z, int64_t n) { table().accumulate(acc, z, n); }
 
 // ---- float64: plain libm (gradcheck precision) ----
@@ -162,6 +164,15 @@ void row_dlogits_capped(double* z, int64_t n, double hi, double lo, double coef,
     const double t = z[j] * inv_cap;
     z[j] = coef * std::exp((z[j] - hi) - lo) * (1.0 - t * t);
   }
+}
+
+double row_absmax(const double* z, int64_t n) {
+  double m = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(z[j])) return NAN;
+    m = std::fabs(z[j]) > m ? std::fabs(z[j]) : m;
+  }
+  return m;
 }
 
 void row_accumulate(double* acc, const double* z, int64_t n) {

@@ -36,6 +36,10 @@ void row_dlogits(double* z, int64_t n, double hi, double lo, double coef);
 void row_dlogits_capped(float* z, int64_t n, float hi, float lo, float coef, float inv_cap);
 void row_dlogits_capped(double* z, int64_t n, double hi, double lo, double coef, double inv_cap);
 
+// max_j |z[j]|  (NaN propagates)
+float row_absmax(const float* z, int64_t n);
+double row_absmax(const double* z, int64_t n);
+
 // acc += z
 void row_accumulate(float* acc, const float* z, int64_t n);
 void row_accumulate(double* acc, const double* z, int64_t n);

@@ -8,6 +8,7 @@ error messages, and a check that CI really built and uses the extension.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -495,3 +496,131 @@ def test_deterministic_mode_whole_loss_across_thread_counts(threads, determinist
             results.append((out.loss.detach(), h.grad, w.grad, r.grad))
         for a, c, name in zip(*results, ("loss", "dh", "dw", "drewards"), strict=True):
             assert torch.equal(a, c), f"grad_in_forward={grad_in_forward} {name}: 1 and 2 threads differ"
+
+
+# ---------------------------------------------------------------- gradient filtering (HAF_GRAD_FILTER)
+
+FILTER_EPS = 2.0**-12  # the benchmarks' (and Cut Cross-Entropy's) threshold
+
+
+def with_filter(opts, eps):
+    """``opts`` with ``Tuning.grad_filter = eps`` (what ``HAF_GRAD_FILTER`` sets)."""
+    return dataclasses.replace(opts, tuning=dataclasses.replace(opts.tuning, grad_filter=float(eps)))
+
+
+def filter_inputs(n=96, v=3000, d=64, seed=3):
+    """Sharply peaked rows (``peaked_inputs`` with the peak ~30 above the rest) whose label is the peak for half the
+    rows and a random token (p ~ 0: a gradient entry of ~g that filtering must keep) for the other half."""
+    h, w, peak = peaked_inputs(n, v, d, target_logit=30.0, seed=seed)
+    y = peak.clone()
+    wrong = torch.arange(n) % 2 == 1
+    y[wrong] = torch.randint(0, v, (int(wrong.sum()),), generator=torch.Generator().manual_seed(seed + 1))
+    return h, w, y
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_grad_filter_skips_blocks_within_stated_bound(restore_isa, isa_name, strategy):
+    """On peaked rows filtering makes most blocks sparse, and the filtered gradients differ from the unfiltered
+    ones by at most the bound cpp.py states: ``ε·|g_t|·Σ_j |W_j|`` for dH[t], ``ε·Σ_t |g_t|·|h_t|`` for dW[j]
+    (every dropped entry has ``|onehot − p| <= ε``); the targets' entries are never dropped (half the labels
+    are not the peak, so a dropped target would cost ~|g|·|W_y|, far above the bound); db is exact. On every
+    SIMD path (the block test is a vectorised max of |dz|)."""
+    cpp.set_isa(isa_name)
+    h, w, y = filter_inputs()
+    b = torch.randn(w.shape[0]) * 0.1
+    g = torch.randn(h.shape[0], dtype=torch.float64)
+    opts = LogprobOptions(chunk_tokens=16, chunk_vocab=256)
+    _, rdh, rdw, rdb = reference_grads(h, w, y, b, opts, g)
+    g = g.float()
+    off = run_backend(strategy, h, w, y, b, opts, g)
+    assert cpp.filter_stats()[1] == 0
+    on = run_backend(strategy, h, w, y, b, with_filter(opts, FILTER_EPS), g)
+    blocks, sparse = cpp.filter_stats()
+    assert blocks == 6 * 12 and sparse >= blocks // 3, (blocks, sparse)  # ~half: the off-label peaks stay dense
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])  # the forward is untouched
+    slack = 1 + 1e-3
+    bound_h = FILTER_EPS * g.abs()[:, None] * w.abs().sum(0)[None, :] * slack + 1e-6
+    bound_w = FILTER_EPS * (g.abs()[:, None] * h.abs()).sum(0)[None, :] * slack + 1e-6
+    assert ((on[2] - off[2]).abs() <= bound_h).all(), ((on[2] - off[2]).abs() / bound_h).max()
+    assert ((on[3] - off[3]).abs() <= bound_w).all(), ((on[3] - off[3]).abs() / bound_w).max()
+    # against float64: the unfiltered error plus at most the bound
+    assert ((on[2] - rdh).abs() <= (off[2] - rdh).abs() + bound_h).all()
+    assert ((on[3] - rdw).abs() <= (off[3] - rdw).abs() + bound_w).all()
+    assert_close(on[4], rdb, torch.float32, "db")
+    assert (on[2] - off[2]).abs().max() > 0  # something was filtered
+
+
+def test_grad_filter_nothing_qualifies_is_bitwise_off():
+    """A threshold no block meets changes nothing, bitwise (filtering only ever replaces whole blocks), and
+    uniform-ish rows (the ``random`` regime) have no sparse block at ε = 2^-12."""
+    h, w, y, b = make_inputs(70, 900, 24, bias=True, ignore_frac=0.2)
+    g = torch.randn(70)
+    opts = LogprobOptions(chunk_tokens=16, chunk_vocab=128)
+    for strategy in STRATEGIES:
+        off = run_backend(strategy, h, w, y, b, opts, g)
+        for eps in (1e-30, FILTER_EPS):
+            on = run_backend(strategy, h, w, y, b, with_filter(opts, eps), g)
+            assert cpp.filter_stats()[1] == 0, (strategy, eps, cpp.filter_stats())
+            for a, c, name in zip(off, on, ("logp", "lse", "dh", "dw", "db"), strict=True):
+                assert torch.equal(a, c), f"{strategy} {name} eps={eps}"
+
+
+def test_grad_filter_keeps_nan():
+    """A NaN gradient entry makes its block dense (never filtered away as small): NaN reaches dH and dW."""
+    h, w, y = filter_inputs(32, 600, 64)
+    h[5, 3] = float("nan")
+    opts = with_filter(LogprobOptions(chunk_tokens=8, chunk_vocab=128), FILTER_EPS)
+    for strategy in STRATEGIES:
+        _, _, dh, dw, _ = run_backend(strategy, h, w, y, None, opts, torch.ones(32))
+        assert torch.isnan(dh[5]).all() and torch.isnan(dw).any()
+        assert cpp.filter_stats()[1] > 0
+
+
+def test_grad_filter_whole_loss_repeatable(threads, monkeypatch):
+    """fused_haf_loss with HAF_GRAD_FILTER on the cpp backend: sparse blocks are used, and two runs with the
+    same thread count are bitwise equal."""
+    from haf_kernels import fused_haf_loss
+
+    assert backends.capabilities("cpp").grad_filter
+    h, w, y = peaked_inputs(64, 2000, 64, target_logit=30.0)
+    monkeypatch.setenv("HAF_GRAD_FILTER", repr(FILTER_EPS))
+    monkeypatch.setenv("HAF_CHUNK_VOCAB", "256")
+    torch.set_num_threads(2)
+    results = []
+    for _ in range(2):
+        hh, ww = h.reshape(4, 16, 64).clone().requires_grad_(True), w.clone().requires_grad_(True)
+        rewards = torch.randn(4, generator=torch.Generator().manual_seed(0))
+        out = fused_haf_loss(hh, ww, y.reshape(4, 16), rewards, backend="cpp")
+        out.loss.backward()
+        results.append((out.loss.detach(), hh.grad, ww.grad))
+        assert cpp.filter_stats()[1] > 0
+    for a, c in zip(*results, strict=True):
+        assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- the cached kept-logits buffer (HAF_CPP_KEEP_CACHE)
+
+
+def test_keep_buffer_reused_only_when_free():
+    """forward_keep hands the cached buffer out again only once nobody holds it (never two live aliases), and
+    results are bitwise those of fresh buffers (``cpp_keep_cache=False``)."""
+    h, w, y, b = make_inputs(40, 300, 16, bias=True, ignore_frac=0.1)
+    g = torch.randn(40)
+    base = LogprobOptions(chunk_tokens=8, chunk_vocab=64)
+    cached = dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, cpp_keep_cache=True))
+    fresh = dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, cpp_keep_cache=False))
+    expect = run_backend("keep", h, w, y, b, fresh, g)
+    cpp.release_keep_buffer()
+    first = cpp.forward_keep(h, w, y, b, cached)[2]
+    held = cpp.forward_keep(h, w, y, b, cached)[2]  # `first` is alive: a new buffer
+    assert held.data_ptr() != first.data_ptr()
+    ptr = first.data_ptr()
+    del first, held
+    again = cpp.forward_keep(h[:30], w, y[:30], b, cached)[2]  # free again (and large enough): reused
+    assert again.data_ptr() == ptr and again.numel() == 30 * 300
+    del again
+    out = run_backend("keep", h, w, y, b, cached, g)
+    for a, c, name in zip(expect, out, ("logp", "lse", "dh", "dw", "db"), strict=True):
+        assert torch.equal(a, c), name
+    cpp.release_keep_buffer()

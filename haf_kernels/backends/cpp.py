@@ -9,6 +9,10 @@ order afterwards. By default there is one slot per thread: results are repeatabl
 the number of vocab tiles if fewer), so results are bitwise equal for any thread count (using at most 8
 threads).
 
+Gradient filtering (``Tuning.grad_filter``, ``HAF_GRAD_FILTER`` = ε > 0; off by default): a backward block whose
+entries off the targets all have ``|onehot − p|·chain·scale <= ε`` keeps only its targets' entries (rank-1
+updates of ``dH`` / ``dW`` instead of the two GEMMs); ``db`` stays exact. ``filter_stats()`` counts such blocks.
+
 Two strategies, as in ``torch_chunked``: ``forward`` / ``backward`` recompute the logits (4 GEMMs, memory
 O(threads · tile)); ``forward_keep`` / ``backward_saved`` keep one chunk's logits (3 GEMMs, O(chunk · V)).
 
@@ -34,6 +38,7 @@ CAPABILITIES = Capabilities(
     auto_devices=frozenset({"cpu"}),
     priority=20,
     keeps_logits=True,
+    grad_filter=True,
     determinism="bitwise for a fixed thread count; for any thread count under torch.use_deterministic_algorithms",
 )
 
@@ -96,6 +101,15 @@ def _apply_isa(tuning: Tuning) -> None:
         except ValueError as exc:
             raise ValueError(f"environment variable HAF_CPP_ISA: {exc}") from None
         _isa_from_tuning = tuning.cpp_isa
+
+
+def filter_stats() -> tuple[int, int]:
+    """``(blocks, sparse_blocks)`` of the last backward call: how many ``[chunk × vocab tile]`` blocks it had and
+    how many gradient filtering reduced to their targets' entries (0 with filtering off)."""
+    if _C is None:
+        raise RuntimeError(f"backend 'cpp' is not available: {_IMPORT_ERROR}")
+    blocks, sparse = _C.filter_stats()
+    return int(blocks), int(sparse)
 
 
 def why_unavailable() -> str:
@@ -175,7 +189,8 @@ def backward(
         need_h,
         need_w,
         need_b and bias is not None,
-        opts.tuning.cpp_partial_kb << 10,  # bound on the per-slot dH partials
+        partial_bytes=opts.tuning.cpp_partial_kb << 10,  # bound on the per-slot dH partials
+        grad_filter=float(opts.tuning.grad_filter),
     )
     return (
         None if dh is None else dh.to(hidden.dtype),
@@ -191,8 +206,18 @@ def forward_keep(
     bias: torch.Tensor | None,
     opts: LogprobOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like ``forward`` but also returns the logits (fp32/fp64, ``[N·V]`` tile-major) for ``backward_saved``."""
-    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True))
+    """Like ``forward`` but also returns the logits (fp32/fp64, ``[N·V]`` tile-major) for ``backward_saved``.
+
+    With ``Tuning.cpp_keep_cache`` (``HAF_CPP_KEEP_CACHE=1``, default off) the buffer is a cached one, reused once
+    the previous caller dropped it (``release_keep_buffer`` frees it).
+    """
+    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True), opts.tuning.cpp_keep_cache)
+
+
+def release_keep_buffer() -> None:
+    """Drop the kept-logits buffer ``forward_keep`` caches (memory returns once no tensor uses it)."""
+    if _C is not None:
+        _C.release_keep_buffer()
 
 
 def backward_saved(
@@ -228,5 +253,6 @@ def backward_saved(
         dw_acc=dw_acc if need_w else None,
         db_acc=db_acc if (need_b and bias is not None) else None,
         partial_bytes=opts.tuning.cpp_partial_kb << 10,
+        grad_filter=float(opts.tuning.grad_filter),
     )
     return (None if dh is None else dh.to(hidden.dtype), dw, None if bias is None else db)
