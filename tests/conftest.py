@@ -27,6 +27,16 @@ DTYPES = {
 }
 
 
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Module-level mark of the Triton test files: the kernels need CUDA or the interpreter (set before pytest starts).
+needs_triton = pytest.mark.skipif(
+    not backends.is_available("triton") or not (TRITON_INTERPRET or torch.cuda.is_available()),
+    reason="triton backend unusable here: "
+    + backends.unavailable_reasons().get("triton", "")
+    + " (run with TRITON_INTERPRET=1 set before pytest starts)",
+)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64 (absolute when ‖b‖ = 0)."""
     a, b = a.detach().double(), b.detach().double()

@@ -13,18 +13,14 @@ import os
 
 import pytest
 import torch
+from conftest import TRITON_INTERPRET, needs_triton
 
 from haf_kernels import backends, linear_logprobs
 from haf_kernels.backends import reference
 from haf_kernels.options import LogprobOptions
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not backends.is_available("triton") or not (INTERPRET or torch.cuda.is_available()),
-    reason="triton backend unusable here: "
-    + backends.unavailable_reasons().get("triton", "")
-    + " (run with TRITON_INTERPRET=1 set before pytest starts)",
-)
+INTERPRET = TRITON_INTERPRET
+pytestmark = needs_triton
 
 if backends.is_available("triton"):
     from haf_kernels.backends.triton import linear_logprobs_bwd, linear_logprobs_fwd

@@ -11,12 +11,11 @@ the recompute path 4.
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, torch_err_bound
+from conftest import TRITON_INTERPRET, needs_triton, rel_err, torch_err_bound
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import haf_kernels as hk
@@ -24,13 +23,8 @@ from haf_kernels import backends, losses
 from haf_kernels.backends import reference
 from haf_kernels.options import LogprobOptions
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not backends.is_available("triton") or not (INTERPRET or torch.cuda.is_available()),
-    reason="triton backend unusable here: "
-    + backends.unavailable_reasons().get("triton", "")
-    + " (run with TRITON_INTERPRET=1 set before pytest starts)",
-)
+INTERPRET = TRITON_INTERPRET
+pytestmark = needs_triton
 if backends.is_available("triton"):
     from haf_kernels.backends import triton as tb
     from haf_kernels.backends.triton import keep as keep_mod
