@@ -31,6 +31,7 @@ from ._common import (
     Tiles,
     _grouped_pid,
     _logits_tile,
+    _online_lse_step,
     autotune_requested,
     device_guard,
     dot_precision,
@@ -116,12 +117,7 @@ def linear_logprobs_fwd_kernel(
             BLOCK_V,
             BLOCK_D,
         )
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
-        hit = cols[None, :] == y[:, None]
-        t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m_i, s_i, t_i = _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y)
 
     # tiles with no work report (max 0, sumexp 1): finite, and neutral enough for the combine
     empty = m_i == float("-inf")

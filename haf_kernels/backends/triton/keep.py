@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ...options import LogprobOptions, compute_dtype
-from ._common import _tanh, device_guard, interpreting, num_sms
+from ._common import _head_transform, _online_lse_step, device_guard, interpreting, num_sms
 
 
 @dataclass(frozen=True)
@@ -106,16 +106,10 @@ def keep_lse_kernel(
         col_ok = cols < v_hi
         mask = row_ok[:, None] & col_ok[None, :]
         ptrs = z_ptr + row_off + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
-        if HAS_SCALE:
-            z = z * logit_scale
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
-        t_i += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        z, _ = _head_transform(
+            tl.load(ptrs, mask=mask, other=0.0).to(acc_ty), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
+        )
+        m_i, s_i, t_i = _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y)
     empty = m_i == float("-inf")  # a split with no columns (or a masked row): neutral for the combine
     m_i = tl.where(empty, 0.0, m_i)
     s_i = tl.where(empty, 0.0, s_i)
@@ -159,12 +153,9 @@ def keep_grad_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
         mask = row_ok[:, None] & col_ok[None, :]
         ptrs = z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
-        if HAS_SCALE:
-            z = z * logit_scale
-        if HAS_SOFTCAP:
-            zc = _tanh(z / softcap)
-            z = softcap * zc
+        z, zc = _head_transform(
+            tl.load(ptrs, mask=mask, other=0.0).to(acc_ty), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
+        )
         s = (cols[None, :] == y[:, None]).to(acc_ty) - tl.exp(z - lse[:, None])
         if HAS_SOFTCAP:
             s = s * (1.0 - zc * zc)  # d(c·tanh(u/c))/du from the unrounded tanh, in fp32
