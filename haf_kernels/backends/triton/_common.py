@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernels: the logits-tile helpers (``_logits_tile``; ``_head_transform``, the
-scale / softcap of a tile; ``_online_lse_step``, the running max / sum-exp / target update) and the tile-size
-table.
+scale / softcap of a tile; ``_online_lse_step``, the running max / sum-exp / target update;
+``_store_split_partials``, a split's partials) and the tile-size table.
 
 Tile sizes come from a small table keyed by GPU architecture (sm90, sm80, default) and input dtype; the
 interpreter (``TRITON_INTERPRET=1``) gets tiny tiles so CPU tests stay fast and exercise the masks.
@@ -261,6 +261,20 @@ def _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y):
     hit = (cols[None, :] == y[:, None]) & col_ok[None, :]
     t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
     return m_new, s_i, t_i
+
+
+@triton.jit
+def _store_split_partials(max_ptr, sum_ptr, tgt_ptr, out, row_ok, m_i, s_i, t_i, EMPTY_SUM: tl.constexpr):
+    """Store one split's running ``(max, sum-exp, target)`` ``[R]`` at offsets ``out [R]`` (rows ``row_ok``).
+
+    A row that saw no column (``m_i = -inf``) stores max 0 and sum-exp ``EMPTY_SUM``: finite for the combine.
+    """
+    empty = m_i == float("-inf")
+    m_i = tl.where(empty, 0.0, m_i)
+    s_i = tl.where(empty, EMPTY_SUM, s_i)
+    tl.store(max_ptr + out, m_i, mask=row_ok)
+    tl.store(sum_ptr + out, s_i, mask=row_ok)
+    tl.store(tgt_ptr + out, t_i, mask=row_ok)
 
 
 @triton.jit

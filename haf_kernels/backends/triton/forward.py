@@ -32,6 +32,7 @@ from ._common import (
     _grouped_pid,
     _logits_tile,
     _online_lse_step,
+    _store_split_partials,
     autotune_requested,
     device_guard,
     dot_precision,
@@ -119,14 +120,8 @@ def linear_logprobs_fwd_kernel(
         )
         m_i, s_i, t_i = _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y)
 
-    # tiles with no work report (max 0, sumexp 1): finite, and neutral enough for the combine
-    empty = m_i == float("-inf")
-    m_i = tl.where(empty, 0.0, m_i)
-    s_i = tl.where(empty, 1.0, s_i)
-    out = pid_s * N + rows
-    tl.store(max_ptr + out, m_i, mask=row_ok)
-    tl.store(sum_ptr + out, s_i, mask=row_ok)
-    tl.store(tgt_ptr + out, t_i, mask=row_ok)
+    # tiles with no work report (max 0, sumexp 1): finite (lse = 0 with one split), and neutral enough for the combine
+    _store_split_partials(max_ptr, sum_ptr, tgt_ptr, pid_s * N + rows, row_ok, m_i, s_i, t_i, 1.0)
 
 
 @functools.cache

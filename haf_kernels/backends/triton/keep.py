@@ -49,7 +49,14 @@ import triton
 import triton.language as tl
 
 from ...options import LogprobOptions, compute_dtype
-from ._common import _head_transform, _online_lse_step, device_guard, interpreting, num_sms
+from ._common import (
+    _head_transform,
+    _online_lse_step,
+    _store_split_partials,
+    device_guard,
+    interpreting,
+    num_sms,
+)
 
 
 @dataclass(frozen=True)
@@ -110,13 +117,8 @@ def keep_lse_kernel(
             tl.load(ptrs, mask=mask, other=0.0).to(acc_ty), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
         )
         m_i, s_i, t_i = _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y)
-    empty = m_i == float("-inf")  # a split with no columns (or a masked row): neutral for the combine
-    m_i = tl.where(empty, 0.0, m_i)
-    s_i = tl.where(empty, 0.0, s_i)
-    out = pid_s * n + rows
-    tl.store(max_ptr + out, m_i, mask=row_ok)
-    tl.store(sum_ptr + out, s_i, mask=row_ok)
-    tl.store(tgt_ptr + out, t_i, mask=row_ok)
+    # a split with no columns (or a masked row) reports (max 0, sumexp 0): neutral for the combine
+    _store_split_partials(max_ptr, sum_ptr, tgt_ptr, pid_s * n + rows, row_ok, m_i, s_i, t_i, 0.0)
 
 
 @triton.jit
