@@ -200,6 +200,39 @@ def test_vocab_split_matches_single(nan_empty):
     assert rel(many[0], one[0]) < 1e-6 and rel(many[1], one[1]) < 1e-6
 
 
+def test_vocab_split_not_on_tile_boundaries(nan_empty):
+    """Splits that end inside a vocab tile (the autotuned launch's ``v_per_split``): the overhang columns belong
+    to the next split, so a label there must not be picked (as -inf) by the split whose last tile reaches it."""
+    from conftest import torch_err_bound
+
+    from haf_kernels.backends.triton.forward import linear_logprobs_fwd_kernel
+
+    n, v, d, block_v, v_per_split = 16, 70, 24, 32, 20  # tiles [0,32) [20,52) [40,72) [60,92): all overhang
+    hidden, weight, _, _ = make_inputs(n, v, d, torch.float32)
+    labels = (torch.arange(n, device=DEVICE) * 4) % v  # 20..28, 40..48, 60: in an earlier split's overhang
+    labels[3] = -100
+    splits = -(-v // v_per_split)
+    part = torch.empty(3, splits, n, device=DEVICE)
+    linear_logprobs_fwd_kernel[(splits,)](
+        hidden, weight, hidden, labels, part[0], part[1], part[2], n, v, d, v_per_split, splits, 1,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), -100, 1.0, 1.0,
+        HAS_BIAS=False, HAS_SCALE=False, HAS_SOFTCAP=False, IS_FP64=False, DOT_PRECISION="ieee",
+        BLOCK_N=16, BLOCK_V=block_v, BLOCK_D=16,
+    )  # fmt: skip
+    top = part[0].max(dim=0).values
+    lse = top + torch.log((part[1] * torch.exp(part[0] - top)).sum(dim=0))
+    live = labels != -100
+    logp = (part[2].sum(dim=0) - lse)[live]
+    z64 = hidden.double() @ weight.double().T
+    want = (z64.gather(1, labels.clamp_min(0)[:, None])[:, 0] - z64.logsumexp(-1))[live]
+    z32 = hidden @ weight.T  # plain PyTorch at the same dtype sets the tolerance
+    torch_logp = (z32.gather(1, labels.clamp_min(0)[:, None])[:, 0] - z32.logsumexp(-1))[live]
+    bound = torch_err_bound(rel(torch_logp, want), torch.float32)
+    assert torch.isfinite(logp).all(), logp
+    assert rel(logp, want) <= bound, (rel(logp, want), bound)
+    assert rel(lse, z64.logsumexp(-1)) <= torch_err_bound(rel(z32.logsumexp(-1), z64.logsumexp(-1)), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_multi_chunk(nan_empty, dtype):
     """dz held one vocab chunk at a time: dH accumulated across chunks in fp32, dW/db written per chunk."""

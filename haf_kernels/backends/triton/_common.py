@@ -1,4 +1,6 @@
-"""Pieces shared by the forward and backward kernels: the logits-tile helper and the tile-size table.
+"""Pieces shared by the Triton kernels: the logits-tile helpers (``_logits_tile``; ``_head_transform``, the
+scale / softcap of a tile; ``_online_lse_step``, the running max / sum-exp / target update;
+``_store_split_partials``, a split's partials) and the tile-size table.
 
 Tile sizes come from a small table keyed by GPU architecture (sm90, sm80, default) and input dtype; the
 interpreter (``TRITON_INTERPRET=1``) gets tiny tiles so CPU tests stay fast and exercise the masks.
@@ -230,6 +232,52 @@ def _tanh(x):
 
 
 @triton.jit
+def _head_transform(z, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Raw logits tile to logits: ``(cap(scale·z), tanh(scale·z / softcap))``, in ``z``'s dtype.
+
+    ``cap(u) = softcap·tanh(u / softcap)`` when ``HAS_SOFTCAP``, else the identity (the second value is then the
+    scaled ``z`` itself and meaningless). The tanh is returned unrounded for the softcap derivative ``1 − tanh²``.
+    """
+    if HAS_SCALE:
+        z = z * logit_scale
+    t = z
+    if HAS_SOFTCAP:
+        t = _tanh(z / softcap)
+        z = softcap * t
+    return z, t
+
+
+@triton.jit
+def _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y):
+    """Fold one logits tile ``z [R, C]`` into the running per-row ``(max, sum of exp(z − max), target logit)``.
+
+    ``m_i``, ``s_i``, ``t_i``: ``[R]`` running values (start at ``(-inf, 0, 0)``); ``cols [C]`` the tile's vocab
+    ids, ``col_ok [C]`` which of them belong to this program (others count as ``-inf`` and are never the target);
+    ``y [R]`` the labels. Returns the updated ``(m_i, s_i, t_i)``.
+    """
+    z = tl.where(col_ok[None, :], z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    hit = (cols[None, :] == y[:, None]) & col_ok[None, :]
+    t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    return m_new, s_i, t_i
+
+
+@triton.jit
+def _store_split_partials(max_ptr, sum_ptr, tgt_ptr, out, row_ok, m_i, s_i, t_i, EMPTY_SUM: tl.constexpr):
+    """Store one split's running ``(max, sum-exp, target)`` ``[R]`` at offsets ``out [R]`` (rows ``row_ok``).
+
+    A row that saw no column (``m_i = -inf``) stores max 0 and sum-exp ``EMPTY_SUM``: finite for the combine.
+    """
+    empty = m_i == float("-inf")
+    m_i = tl.where(empty, 0.0, m_i)
+    s_i = tl.where(empty, EMPTY_SUM, s_i)
+    tl.store(max_ptr + out, m_i, mask=row_ok)
+    tl.store(sum_ptr + out, s_i, mask=row_ok)
+    tl.store(tgt_ptr + out, t_i, mask=row_ok)
+
+
+@triton.jit
 def _logits_tile(
     h_ptr,
     w_ptr,
@@ -272,8 +320,5 @@ def _logits_tile(
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
         acc += b.to(acc.dtype)[None, :]
-    if HAS_SCALE:
-        acc = acc * logit_scale
-    if HAS_SOFTCAP:
-        acc = softcap * _tanh(acc / softcap)
+    acc, _ = _head_transform(acc, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
     return acc

@@ -31,6 +31,8 @@ from ._common import (
     Tiles,
     _grouped_pid,
     _logits_tile,
+    _online_lse_step,
+    _store_split_partials,
     autotune_requested,
     device_guard,
     dot_precision,
@@ -116,21 +118,10 @@ def linear_logprobs_fwd_kernel(
             BLOCK_V,
             BLOCK_D,
         )
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
-        hit = cols[None, :] == y[:, None]
-        t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m_i, s_i, t_i = _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y)
 
-    # tiles with no work report (max 0, sumexp 1): finite, and neutral enough for the combine
-    empty = m_i == float("-inf")
-    m_i = tl.where(empty, 0.0, m_i)
-    s_i = tl.where(empty, 1.0, s_i)
-    out = pid_s * N + rows
-    tl.store(max_ptr + out, m_i, mask=row_ok)
-    tl.store(sum_ptr + out, s_i, mask=row_ok)
-    tl.store(tgt_ptr + out, t_i, mask=row_ok)
+    # tiles with no work report (max 0, sumexp 1): finite (lse = 0 with one split), and neutral enough for the combine
+    _store_split_partials(max_ptr, sum_ptr, tgt_ptr, pid_s * N + rows, row_ok, m_i, s_i, t_i, 1.0)
 
 
 @functools.cache

@@ -49,7 +49,14 @@ import triton
 import triton.language as tl
 
 from ...options import LogprobOptions, compute_dtype
-from ._common import _tanh, device_guard, interpreting, num_sms
+from ._common import (
+    _head_transform,
+    _online_lse_step,
+    _store_split_partials,
+    device_guard,
+    interpreting,
+    num_sms,
+)
 
 
 @dataclass(frozen=True)
@@ -106,23 +113,12 @@ def keep_lse_kernel(
         col_ok = cols < v_hi
         mask = row_ok[:, None] & col_ok[None, :]
         ptrs = z_ptr + row_off + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
-        if HAS_SCALE:
-            z = z * logit_scale
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
-        t_i += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    empty = m_i == float("-inf")  # a split with no columns (or a masked row): neutral for the combine
-    m_i = tl.where(empty, 0.0, m_i)
-    s_i = tl.where(empty, 0.0, s_i)
-    out = pid_s * n + rows
-    tl.store(max_ptr + out, m_i, mask=row_ok)
-    tl.store(sum_ptr + out, s_i, mask=row_ok)
-    tl.store(tgt_ptr + out, t_i, mask=row_ok)
+        z, _ = _head_transform(
+            tl.load(ptrs, mask=mask, other=0.0).to(acc_ty), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
+        )
+        m_i, s_i, t_i = _online_lse_step(m_i, s_i, t_i, z, cols, col_ok, y)
+    # a split with no columns (or a masked row) reports (max 0, sumexp 0): neutral for the combine
+    _store_split_partials(max_ptr, sum_ptr, tgt_ptr, pid_s * n + rows, row_ok, m_i, s_i, t_i, 0.0)
 
 
 @triton.jit
@@ -159,12 +155,9 @@ def keep_grad_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
         mask = row_ok[:, None] & col_ok[None, :]
         ptrs = z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
-        if HAS_SCALE:
-            z = z * logit_scale
-        if HAS_SOFTCAP:
-            zc = _tanh(z / softcap)
-            z = softcap * zc
+        z, zc = _head_transform(
+            tl.load(ptrs, mask=mask, other=0.0).to(acc_ty), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
+        )
         s = (cols[None, :] == y[:, None]).to(acc_ty) - tl.exp(z - lse[:, None])
         if HAS_SOFTCAP:
             s = s * (1.0 - zc * zc)  # d(c·tanh(u/c))/du from the unrounded tanh, in fp32
