@@ -36,7 +36,16 @@
 // 2^-12 on peaky 4.5 s → 3.0 s CPU (−36%) at a dH error of 3e-2 (vs 1.5e-6 unfiltered, 1.9e-4 naive fp32;
 // dW 7.9e-3): the dropped off-target mass of a peaked row equals its target's 1 − p, so no threshold that
 // filters anything is accuracy-neutral (1e-4: 4 of 128 blocks, already 2e-3), hence opt-in; at 8 pairs × 512 ×
-// 1024 peaky, 26.1 → 13.7 s CPU (3 reps each); the kept-buffer cache: −47 ms of system time per chunk, see keep_buffer.
+// 1024 peaky, 26.1 → 13.7 s CPU (3 reps each).
+//
+// Profile of 2026-12-02 (2-core AMD EPYC Zen 3 VM, AVX2, quiet; perf): the row kernels ran as scalar code (GCC kept
+// the exp's clamp branches: trapping math), 12% of forward_keep's samples in row_sumexp; -fno-trapping-math (setup.py)
+// vectorises them. One chunk (n = 512, D = 512, V = 32000, 1 thread): forward_keep 300 → 252 ms, backward_saved
+// 480 → 428 ms, against 200 ms per GEMM. The rest of forward_keep was the fresh kept buffer's page faults: the
+// whole-loss path now hands each chunk the previous chunk's consumed buffer (forward_keep's `out`). At n = 1024,
+// D = 1024, 2 threads: forward_keep + backward_saved 1.18 s per chunk against 1.29 s for the three plain GEMMs
+// (which fault in a fresh [n, V] output); perf of the whole loss: 81% of samples in MKL's sgemm kernel, 7% in its
+// packing, 2% in the row kernels.
 #include <torch/extension.h>
 
 #ifdef _OPENMP
@@ -554,44 +563,28 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   return forward_impl<float>(p.h, p.weight, p.labels, p.bias, cfg, nullptr);
 }
 
-// The kept-logits buffer of the last forward_keep (reuse = true), handed out again once nobody else holds it:
-// the whole-loss path calls forward_keep once per chunk of pairs, and a fresh [N·V] buffer costs its
-// first-touch page faults every time. Measured (n=512, D=512, V=32000, 1 thread, 8 interleaved reps each):
-// minor faults per forward_keep+backward_saved 32002 → 16001 (dW's remain), system time 105 → 58 ms median;
-// whole loss (4 pairs × 256, 2 threads, 6 reps each) 4433 → 4308 ms median (spread ±150 ms). It holds one
-// chunk's logits between calls (no change of peak). Off unless HAF_CPP_KEEP_CACHE=1: the whole-loss gain is within
-// this VM's noise, and the buffer is process-global state. Never destroyed.
-std::mutex g_keep_mutex;
-Tensor* g_keep_cache = new Tensor();
-
-Tensor keep_buffer(int64_t numel, const at::TensorOptions& opt, bool reuse) {
-  std::lock_guard<std::mutex> lock(g_keep_mutex);
-  Tensor& cache = *g_keep_cache;
-  const bool free = cache.defined() && cache.use_count() == 1 && cache.storage().use_count() == 1;
-  if (!reuse) return at::empty({numel}, opt);  // (the cache stays for callers that use it)
-  if (free && cache.scalar_type() == opt.dtype().toScalarType() && cache.numel() >= numel) {
-    return cache.narrow(0, 0, numel);
-  }
-  Tensor fresh = at::empty({numel}, opt);
-  if (cache.defined() && !free) return fresh;  // a buffer still in use is never dropped from the cache
-  // Callers get a view (their own TensorImpl): the cache's is never handed to Python, whose object preservation
-  // would keep it referenced; the storage's use count then says whether any view is alive.
-  cache = fresh;
-  return cache.narrow(0, 0, numel);
-}
-
-void release_keep_buffer() {
-  std::lock_guard<std::mutex> lock(g_keep_mutex);
-  *g_keep_cache = Tensor();
+// The kept-logits buffer of forward_keep: `out` when the caller passes one (the whole-loss path hands each chunk the
+// buffer the previous chunk's backward_saved consumed), else a fresh one. A fresh [N·V] buffer costs its first-touch
+// page faults every time: 52-61 ms for 62.5 MiB on the 2-core VM, next to ~200 ms for the chunk's forward GEMM.
+Tensor keep_buffer(int64_t numel, const at::TensorOptions& opt, const std::optional<Tensor>& out) {
+  if (!out.has_value() || !out->defined()) return at::empty({numel}, opt);
+  const Tensor& o = *out;
+  TORCH_CHECK_VALUE(o.device().is_cpu() && o.scalar_type() == opt.dtype().toScalarType() && o.is_contiguous() &&
+                        o.numel() >= numel,
+                    "haf_kernels._C: out must be a contiguous CPU ", opt.dtype().toScalarType(),
+                    " tensor of at least N*V = ", numel, " elements, got ", o.sizes(), " ", o.scalar_type(), " on ",
+                    o.device());
+  return o.view({-1}).narrow(0, 0, numel);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_keep(const Tensor& hidden, const Tensor& weight, const Tensor& labels,
                                                 const std::optional<Tensor>& bias, int64_t ignore_index,
                                                 double logit_scale, std::optional<double> softcap,
-                                                int64_t chunk_tokens, int64_t vocab_tile, bool reuse_buffer) {
+                                                int64_t chunk_tokens, int64_t vocab_tile,
+                                                const std::optional<Tensor>& out) {
   const Config cfg = make_config(ignore_index, logit_scale, softcap, chunk_tokens, vocab_tile);
   Prepared p = prepare(hidden, weight, labels, bias, cfg);
-  Tensor saved = keep_buffer(hidden.size(0) * weight.size(0), p.h.options(), reuse_buffer);
+  Tensor saved = keep_buffer(hidden.size(0) * weight.size(0), p.h.options(), out);
   if (p.compute == at::kDouble) {
     auto [logp, lse] = forward_impl<double>(p.h, p.weight, p.labels, p.bias, cfg, saved.data_ptr<double>());
     return {logp, lse, saved};
@@ -681,9 +674,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_keep", &haf::forward_keep, "logp[N], lse[N], saved[N*V] (logits kept tile-major for backward_saved)",
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("ignore_index"),
         py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"), py::arg("vocab_tile"),
-        py::arg("reuse_buffer") = false);
-  m.def("release_keep_buffer", &haf::release_keep_buffer,
-        "drop the cached kept-logits buffer of forward_keep(reuse_buffer=True) (freed once nobody holds it)");
+        py::arg("out") = py::none());
   m.def("backward", &haf::backward, "dh[N,D], dw[V,D], db[V] in the compute dtype; recomputes the logits",
         py::arg("grad_logp"), py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("lse"),
         py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("chunk_tokens"),

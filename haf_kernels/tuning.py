@@ -60,13 +60,6 @@ KNOBS: tuple[Knob, ...] = (
         "int",
         "KiB bound on the cpp backward's per-slot dH partials, both strategies (default 65536)",
     ),
-    Knob(
-        "cpp_keep_cache",
-        "HAF_CPP_KEEP_CACHE",
-        "bool",
-        "cpp forward_keep reuses one cached kept-logits buffer while it is free (half the page faults per chunk; "
-        "holds up to one chunk's logits between calls; default 0)",
-    ),
     Knob("triton_tiles", "HAF_TRITON_TILES", "tiles", "Triton tiles `BN,BV,BD,BDO,WARPS,STAGES` instead of the table"),
     Knob("triton_group", "HAF_TRITON_GROUP", "int", "rows per program group of the Triton grid (L2 reuse)"),
     Knob("triton_fp32_dot", "HAF_TRITON_FP32_DOT", "str", "`tl.dot` precision for fp32 inputs: ieee, tf32x3, tf32"),
@@ -103,7 +96,6 @@ class Tuning:
     grad_in_forward: bool = True
     cpp_isa: str = "auto"
     cpp_partial_kb: int = 65536
-    cpp_keep_cache: bool = False
     triton_tiles: tuple[int, ...] | None = None
     triton_group: int | None = None
     triton_fp32_dot: str = "ieee"

@@ -599,28 +599,58 @@ def test_grad_filter_whole_loss_repeatable(threads, monkeypatch):
         assert torch.equal(a, c)
 
 
-# ---------------------------------------------------------------- the cached kept-logits buffer (HAF_CPP_KEEP_CACHE)
+# ---------------------------------------------------------------- forward_keep(out=...): a reused kept buffer
 
 
-def test_keep_buffer_reused_only_when_free():
-    """forward_keep hands the cached buffer out again only once nobody holds it (never two live aliases), and
-    results are bitwise those of fresh buffers (``cpp_keep_cache=False``)."""
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_forward_keep_into_out_buffer(backend):
+    """forward_keep writes the kept logits into ``out`` (a larger, dirty buffer): same bits as a fresh buffer,
+    through backward_saved too; a buffer of the wrong dtype or too small is refused, naming ``out``."""
+    mod = backends.get(backend)
     h, w, y, b = make_inputs(40, 300, 16, bias=True, ignore_frac=0.1)
     g = torch.randn(40)
-    base = LogprobOptions(chunk_tokens=8, chunk_vocab=64)
-    cached = dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, cpp_keep_cache=True))
-    fresh = dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, cpp_keep_cache=False))
-    expect = run_backend("keep", h, w, y, b, fresh, g)
-    cpp.release_keep_buffer()
-    first = cpp.forward_keep(h, w, y, b, cached)[2]
-    held = cpp.forward_keep(h, w, y, b, cached)[2]  # `first` is alive: a new buffer
-    assert held.data_ptr() != first.data_ptr()
-    ptr = first.data_ptr()
-    del first, held
-    again = cpp.forward_keep(h[:30], w, y[:30], b, cached)[2]  # free again (and large enough): reused
-    assert again.data_ptr() == ptr and again.numel() == 30 * 300
-    del again
-    out = run_backend("keep", h, w, y, b, cached, g)
-    for a, c, name in zip(expect, out, ("logp", "lse", "dh", "dw", "db"), strict=True):
+    opts = LogprobOptions(chunk_tokens=8, chunk_vocab=64)
+    needs = (True, True, True)
+    logp, lse, saved = mod.forward_keep(h, w, y, b, opts)
+    expect = (logp, lse, *mod.backward_saved(saved, g, h, w, y, b, lse, opts, needs))
+    buf = torch.full((41 * 300 + 7,), float("nan"))
+    logp2, lse2, saved2 = mod.forward_keep(h, w, y, b, opts, out=buf)
+    assert saved2.data_ptr() == buf.data_ptr()
+    got = (logp2, lse2, *mod.backward_saved(saved2, g, h, w, y, b, lse2, opts, needs))
+    for a, c, name in zip(expect, got, ("logp", "lse", "dh", "dw", "db"), strict=True):
         assert torch.equal(a, c), name
-    cpp.release_keep_buffer()
+    for bad in (torch.empty(40 * 300 - 1), torch.empty(40 * 300, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            mod.forward_keep(h, w, y, b, opts, out=bad)
+
+
+def test_whole_loss_reuses_one_kept_buffer(monkeypatch):
+    """fused_haf_loss hands every chunk after the first the buffer the previous chunk consumed: one allocation of
+    kept logits per call instead of one per chunk, and the same loss and gradients as fresh buffers."""
+    from haf_kernels import fused_haf_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 5, 8, requires_grad=True)
+    weight = (torch.randn(40000, 8) / 3).requires_grad_(True)
+    labels = torch.randint(0, 40000, (6, 5))
+    labels[1, :2] = -100  # chunks of different token counts
+    rewards = torch.randn(6)
+    monkeypatch.setenv("HAF_KEEP_CHUNK_MB", "1")  # 6 tokens of fp32 logits: one pair (<= 10 tokens) per chunk
+    calls: list[torch.Tensor | None] = []
+    real = cpp.forward_keep
+
+    def spy(*args, out=None):
+        calls.append(out)
+        return real(*args, out=out)
+
+    results = []
+    for fn in (spy, lambda *args: real(*args)):  # the second has no ``out``: fresh buffers
+        monkeypatch.setattr(cpp, "forward_keep", fn)
+        hidden.grad = weight.grad = None
+        out = fused_haf_loss(hidden, weight, labels, rewards, backend="cpp", grad_in_forward=True)
+        out.loss.backward()
+        results.append((out.loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    assert len(calls) == 3 and calls[0] is None
+    assert calls[1] is not None and calls[2] is not None and calls[2].data_ptr() == calls[1].data_ptr()
+    for a, c in zip(*results, strict=True):
+        assert torch.equal(a, c)

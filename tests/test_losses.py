@@ -344,3 +344,19 @@ def test_reward_only_accuracy_and_margin_semantics():
     assert out.reward_margin.tolist() == [1.0, -1.0]
     assert out.reward_accuracy.item() == 0.5
     assert math.isfinite(out.policy_loss.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("upstream", [1.0, 2.5, 0.0])
+def test_fused_gradients_scale_with_the_upstream_gradient(backend, upstream):
+    """grad_in_forward=True finishes the gradients in the forward; backward scales them by the upstream scalar
+    (skipped when it is exactly 1): ``(c·loss).backward()`` gives c times the gradients of ``loss.backward()``."""
+    hidden, weight, labels, rewards, ref = make_batch(2, 4, 8, 19, torch.float64)
+    grads = []
+    for c in (None, upstream):
+        h, w, r, rf = (x.clone().requires_grad_() for x in (hidden, weight, rewards, ref))
+        out = hk.fused_haf_loss(h, w, labels, r, ref_logps=rf, backend=backend, grad_in_forward=True)
+        (out.loss if c is None else out.loss * c).backward()
+        grads.append([x.grad for x in (h, w, r, rf)])
+    for plain, scaled in zip(*grads, strict=True):
+        torch.testing.assert_close(scaled, plain * upstream, rtol=1e-12, atol=0)

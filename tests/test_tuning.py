@@ -126,11 +126,3 @@ def test_auto_skips_a_backend_whose_declared_dtypes_exclude_the_input(monkeypatc
         match=r"backend 'torch' does not compute float64 inputs here \(it declares \['float32'\]\): test only",
     ):
         backends.resolve("torch", cpu, torch.float64)
-
-
-def test_cpp_keep_cache_is_opt_in(monkeypatch):
-    """The cpp kept-logits cache is process-global state: off unless ``HAF_CPP_KEEP_CACHE=1``."""
-    monkeypatch.delenv("HAF_CPP_KEEP_CACHE", raising=False)
-    assert tuning.current().cpp_keep_cache is False
-    monkeypatch.setenv("HAF_CPP_KEEP_CACHE", "1")
-    assert tuning.current().cpp_keep_cache is True

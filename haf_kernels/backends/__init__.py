@@ -11,11 +11,13 @@ Every backend module exposes ``NAME``, ``is_available()``, ``why_unavailable()``
 also offer ``forward_keep`` / ``backward_saved`` (keep one chunk's logits between the two, 3 GEMMs instead of
 4), used by the whole-loss path; otherwise the generic fallback in ``logprobs.py`` recomputes::
 
-    forward_keep(hidden, weight, labels, bias, opts) -> (logp, lse, saved)
+    forward_keep(hidden, weight, labels, bias, opts[, out]) -> (logp, lse, saved)
     backward_saved(saved, grad_logp, hidden, weight, labels, bias, lse, opts, needs[, dw_acc, db_acc])
         -> (dhidden in hidden's dtype, dweight and dbias in the accumulation dtype)
 
-When ``backward_saved`` takes ``dw_acc``/``db_acc`` it adds into those buffers in place and returns them.
+When ``backward_saved`` takes ``dw_acc``/``db_acc`` it adds into those buffers in place and returns them. When
+``forward_keep`` takes ``out`` (a consumed ``saved`` of the same call, at least ``N·V`` elements), it keeps the
+logits there instead of a fresh buffer.
 
 Each module also declares ``CAPABILITIES`` (a ``Capabilities``): the devices and dtypes it runs, where ``auto``
 may pick it and with what priority, and its features (kept logits, gradient filtering, determinism).

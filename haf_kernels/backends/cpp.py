@@ -205,19 +205,15 @@ def forward_keep(
     labels: torch.Tensor,
     bias: torch.Tensor | None,
     opts: LogprobOptions,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like ``forward`` but also returns the logits (fp32/fp64, ``[N·V]`` tile-major) for ``backward_saved``.
 
-    With ``Tuning.cpp_keep_cache`` (``HAF_CPP_KEEP_CACHE=1``, default off) the buffer is a cached one, reused once
-    the previous caller dropped it (``release_keep_buffer`` frees it).
+    ``out``: a contiguous buffer of the compute dtype with at least ``N·V`` elements (e.g. the ``saved`` of an
+    earlier chunk, consumed by its ``backward_saved``); the logits are written into its first ``N·V`` elements
+    instead of a fresh buffer, which saves the fresh buffer's first-touch page faults.
     """
-    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True), opts.tuning.cpp_keep_cache)
-
-
-def release_keep_buffer() -> None:
-    """Drop the kept-logits buffer ``forward_keep`` caches (memory returns once no tensor uses it)."""
-    if _C is not None:
-        _C.release_keep_buffer()
+    return _C.forward_keep(*_args(hidden, weight, labels, bias, opts, keep=True), out)
 
 
 def backward_saved(

@@ -36,10 +36,15 @@ def why_unavailable() -> str:
 
 
 def _tile_logits(
-    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, opts: LogprobOptions, dt: torch.dtype
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    opts: LogprobOptions,
+    dt: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits of one tile in ``dt`` (scaled and soft-capped)."""
-    z = h.to(dt) @ w.to(dt).T
+    """Logits of one tile in ``dt`` (scaled and soft-capped), in ``out`` (``[n, V_tile]``, ``dt``) if given."""
+    z = torch.mm(h.to(dt), w.to(dt).T, out=out)
     if b is not None:
         z += b.to(dt)
     if opts.logit_scale != 1.0:
@@ -178,10 +183,23 @@ def forward_keep(
     labels: torch.Tensor,
     bias: torch.Tensor | None,
     opts: LogprobOptions,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like ``forward`` but keeps the ``[n, V]`` logits for ``backward_saved`` (caller bounds ``n``)."""
+    """Like ``forward`` but keeps the ``[n, V]`` logits for ``backward_saved`` (caller bounds ``n``).
+
+    ``out``: a contiguous ``dt`` buffer of at least ``n·V`` elements on the inputs' device (e.g. an earlier chunk's
+    consumed ``saved``) to hold the logits instead of a fresh allocation.
+    """
     dt = compute_dtype(hidden.dtype)
-    z = _tile_logits(hidden, weight, bias, opts, dt)
+    n, v = hidden.shape[0], weight.shape[0]
+    if out is not None:
+        if out.dtype != dt or out.device != hidden.device or not out.is_contiguous() or out.numel() < n * v:
+            raise ValueError(
+                f"out must be a contiguous {dt} tensor on {hidden.device} with at least N*V = {n * v} elements, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+        out = out.view(-1)[: n * v].view(n, v)
+    z = _tile_logits(hidden, weight, bias, opts, dt, out)
     lse = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
     rows = max(1, (1 << 22) // max(z.shape[1], 1))  # the exp temporary stays ~16 MiB
     for r0 in range(0, z.shape[0], rows):
