@@ -83,9 +83,10 @@ QUICK_METHODS = ("bt", "dpo", "haf")
 DEFAULT_METHODS = ("bt", "dpo", "haf")
 SUPPORTED = tuple(v1.METHODS)
 # the Secrets-II sweep (``--sweep secrets``): BT, HaF and "HaF + X" from the prior. Measured per run (seed 0, train +
-# eval, one process per core): BT 38 s, HaF + label smoothing 57 s, SimCSE 84 s, MetaRM 241 s, the M = 3 ensemble
-# 55 s: with MetaRM, 5 seeds x 2 noise rates would take ~54 min on 2 cores, so MetaRM (``--methods haf_metarm``)
-# and haf_flip_neg (haf_flip is the paper's rule, the lowest 10% by strength) are left out of the default.
+# eval) while other work shared the 2 cores: BT 38 s, HaF + label smoothing 57 s, SimCSE 84 s, MetaRM 241 s, the
+# M = 3 ensemble 55 s; from that, 5 seeds x 2 noise rates with MetaRM would take ~54 min, so MetaRM
+# (``--methods haf_metarm``) and haf_flip_neg (haf_flip is the paper's rule, the lowest 10% by strength) are left out
+# of the default. On free cores MetaRM took 93 s and a default unit 240-270 s (experiments README).
 SECRETS_METHODS = ("bt", "haf", "haf_ls", "haf_flip", "haf_margin", "haf_simcse")
 SECRETS_NOISE = (0.2, 0.4)
 # the strength ensemble of a unit: M members fine-tuned from the prior (BT, alpha = 0), fixed up front
