@@ -168,3 +168,68 @@ def test_rm_quality_sweeps_and_no_prior_run_at_tiny_size(tmp_path, extra):
         assert res["meta"]["base_config"]["model_config"] == Q.QUICK_MODEL
     tag = "rm_quality_" + ("noprior" if extra == ["--no-prior"] else extra[1])
     assert (tmp_path / "out" / f"{tag}.md").exists() and (tmp_path / "out" / f"{tag}.json").exists()
+
+
+@pytest.mark.slow
+def test_rm_quality_secrets_sweep_quick(tmp_path):
+    """``--sweep secrets``: BT, HaF and every Secrets-II method from the prior, the strength ensemble's AUROC per
+    unit, paired differences vs HaF; the ensemble's members start from the prior and train away from it."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training import checkpoint as ckpt
+    from training.config import TrainConfig
+    from training.data import load_tokenizer, read_records
+    from training.ensemble import load_member
+    from training.experiments import rm_quality as Q
+    from training.experiments.stats import paired_diff
+    from training.methods.strength import auroc
+    from training.trainer import build_model
+
+    work = tmp_path / "work"
+    res = Q.main(["--quick", "--sweep", "secrets", "--out", str(tmp_path / "out"), "--work", str(work)])
+    recs = [r for u in res["units"] for r in u["records"]]
+    assert {(r["method"], r["seed"]) for r in recs} == {(m, s) for m in Q.SECRETS_METHODS for s in (0, 1)}
+    # per unit: the strength ensemble (M members) and its AUROC, as recomputed from the file it wrote
+    for u in res["units"]:
+        st = u["strength"]["base"]
+        assert st["members"] == Q.QUICK_STRENGTH["members"]
+        rows = read_records(st["out_path"])
+        expect = auroc([-r["strength_mean"] for r in rows], [bool(r["flipped"]) for r in rows])
+        assert 0.0 <= st["auroc_flipped"] <= 1.0 and st["auroc_flipped"] == pytest.approx(expect)
+    summ = json.loads((tmp_path / "out" / "rm_quality_secrets.json").read_text())["summary"]
+    au = summ["strength"]["base"]["by_noise"]["0.2"]["auroc_flipped"]
+    assert au["n"] == 2 and au["mean"] == pytest.approx(
+        sum(u["strength"]["base"]["auroc_flipped"] for u in res["units"]) / 2
+    )
+    # paired differences vs HaF for every "HaF + X", matching the records
+    vs_haf = summ["diffs_vs_haf"]
+    assert set(vs_haf) == set(Q.SECRETS_METHODS) - {"bt", "haf"}
+    by = {(r["method"], r["seed"]): r["test_acc"] for r in recs}
+    d = paired_diff([by["haf_margin", s] for s in (0, 1)], [by["haf", s] for s in (0, 1)])
+    assert vs_haf["haf_margin"]["test_acc@0.2"]["baseline"] == "haf"
+    assert vs_haf["haf_margin"]["test_acc@0.2"]["mean"] == pytest.approx(d["mean"])
+    assert summ["diffs"]["haf_margin"]["test_acc@0.2"]["baseline"] == "bt"
+    md = (tmp_path / "out" / "rm_quality_secrets.md").read_text()
+    assert "paired difference vs HaF (alpha=0.2)" in md and "**Preference strength** (base prior, M=2" in md
+    # the flip run trained on its unit's strength file with the lowest 10% by strength_mean flipped
+    unit = work / "rm_quality_secrets_quick" / "noise0.2_seed0"
+    strength_rows = read_records(res["units"][0]["strength"]["base"]["out_path"])
+    flip_rows = read_records(unit / "haf_flip" / "method_data" / "train.jsonl")
+    k = round(0.1 * len(strength_rows))
+    lowest = sorted(r["strength_mean"] for r in strength_rows)[:k]
+    flipped = sorted(-r["strength_mean"] for r in flip_rows if r.get("noisy_flipped"))  # flipping negates strength
+    assert len(flip_rows) == len(strength_rows) and flipped == pytest.approx(lowest)
+    # a member's initial weights are the prior's (its config points at the prior folder), and it trained
+    prior = work / f"prior-{res['meta']['prior']['base']['key']}"
+    member = unit / "strength_base" / "member_01"
+    cfg = TrainConfig.from_dict(ckpt.load(member / ckpt.CHECKPOINT)["config"])
+    assert Path(cfg.model) == prior and cfg.alpha == 0.0
+    with torch.random.fork_rng():
+        init = build_model(cfg, load_tokenizer(cfg)).base_lm.state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(str(prior)).state_dict()
+    assert init.keys() == ref.keys() and all(torch.equal(init[k], ref[k]) for k in ref)
+    trained = load_member(member)[0].base_lm.state_dict()
+    assert any(not torch.equal(trained[k], ref[k]) for k in ref)

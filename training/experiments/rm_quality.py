@@ -1,6 +1,6 @@
 """RM-quality experiment v2: reward models fine-tuned from an SFT'd policy prior, scored against the true reward.
 
-``python -m training.experiments.rm_quality [--quick] [--no-prior] [--sweep alpha|beta|size] [--workers N] ...``
+``python -m training.experiments.rm_quality [--quick] [--no-prior] [--sweep alpha|beta|size|secrets] [--workers N] ...``
 
 The papers' setting on the synthetic task of ``training/synthetic.py`` (a known true reward):
 
@@ -15,7 +15,14 @@ The papers' setting on the synthetic task of ``training/synthetic.py`` (a known 
    Best-of-N (HaF-RM): for held-out prompts, N responses from the generator (in distribution and shifted), the
    reward model picks one: top-1 recall (the pick is the true best) and mean true-reward regret;
 4. statistics: mean ± 95% t-interval over seeds per cell, and the paired difference (same seeds) of every method
-   against the baseline (BT; in the alpha sweep alpha = 0) with its interval, ``*`` where it excludes 0.
+   against the baseline (BT; in the alpha sweep alpha = 0) with its interval, ``*`` where it excludes 0; in the
+   ``secrets`` sweep also against HaF (the Secrets-II methods are "HaF + X": "X helps" is the difference vs HaF).
+
+The strength methods (``haf_flip``, ``haf_flip_neg``, ``haf_margin``) need preference strength: once per (noise,
+seed) unit and model size, ``training.ensemble.run_strength_ensemble`` fine-tunes ``members`` BT reward models
+(alpha = 0, ``member_steps`` steps, seeds ``100·s + m``) **from the same prior** and writes the training file with
+``strength_mean`` / ``strength_std`` columns, shared by every strength method of the unit; the unit records how
+well ``−strength_mean`` ranks the pairs the annotator flipped (AUROC, ``strength.auroc``).
 
 Every hyper-parameter is fixed up front; nothing is selected on ``test``, ``shift`` or the Best-of-N sets. Each
 unit of work runs on one thread and is seeded, and units are collected in job order, so a rerun on one machine at
@@ -29,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -73,7 +81,17 @@ QUICK = dict(
 )
 QUICK_METHODS = ("bt", "dpo", "haf")
 DEFAULT_METHODS = ("bt", "dpo", "haf")
-SUPPORTED = tuple(m for m in v1.METHODS if m not in v1.STRENGTH_METHODS)
+SUPPORTED = tuple(v1.METHODS)
+# the Secrets-II sweep (``--sweep secrets``): BT, HaF and "HaF + X" from the prior. Measured per run (seed 0, train +
+# eval) while other work shared the 2 cores: BT 38 s, HaF + label smoothing 57 s, SimCSE 84 s, MetaRM 241 s, the
+# M = 3 ensemble 55 s; from that, 5 seeds x 2 noise rates with MetaRM would take ~54 min, so MetaRM
+# (``--methods haf_metarm``) and haf_flip_neg (haf_flip is the paper's rule, the lowest 10% by strength) are left out
+# of the default. On free cores MetaRM took 93 s and a default unit 240-270 s (experiments README).
+SECRETS_METHODS = ("bt", "haf", "haf_ls", "haf_flip", "haf_margin", "haf_simcse")
+SECRETS_NOISE = (0.2, 0.4)
+# the strength ensemble of a unit: M members fine-tuned from the prior (BT, alpha = 0), fixed up front
+STRENGTH = dict(members=3, member_steps=100)
+QUICK_STRENGTH = dict(members=2, member_steps=3)
 
 
 def variants(sweep: str, methods: list[str], sizes: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -96,6 +114,8 @@ def variants(sweep: str, methods: list[str], sizes: list[str]) -> tuple[dict[str
             out[f"haf_b{b}"]["size"] = sizes[0]
             base_of[f"haf_b{b}"] = "bt"
         return out, base_of
+    if sweep == "secrets":
+        methods = ["bt", "haf"] + [m for m in methods if m not in ("bt", "haf")]
     for size in sizes:
         suffix = f"@{size}" if sweep == "size" else ""
         for m in methods:
@@ -103,6 +123,13 @@ def variants(sweep: str, methods: list[str], sizes: list[str]) -> tuple[dict[str
             out[m + suffix] = dict(label=label + suffix, changes=changes, scored_by=scored_by, size=size)
             base_of[m + suffix] = "bt" + suffix
     return out, base_of
+
+
+def haf_baselines(sweep: str, names: list[str]) -> dict[str, str]:
+    """In the ``secrets`` sweep, every "HaF + X" run and its paired HaF run (same seed): ``{name: "haf"}``."""
+    if sweep != "secrets":
+        return {}
+    return {n: "haf" for n in names if n not in ("bt", "haf")}
 
 
 def prior_config(size: str, quick: bool) -> PriorConfig:
@@ -275,21 +302,36 @@ def run_unit(args: tuple) -> dict[str, Any]:
     paths.update({k: str(v) for k, v in bon_sets(work, sizes).items()})
     unit = work / f"noise{noise}_seed{seed}"
     t0 = time.time()
-    records = []
-    for name, v in var.items():
-        t1 = time.time()
-        prior = priors.get(v["size"])
+
+    def unit_base(size: str) -> dict[str, Any]:
+        prior = priors.get(size)
         base = base_config(prior, None if prior is not None else priors.get("__no_prior_model__"))
         base.update(
             max_steps=sizes.get("max_steps", base["max_steps"]),
             warmup_steps=sizes.get("warmup_steps", base["warmup_steps"]),
             eval_data=paths["val"],
-            ref_cache_dir=str(unit / f"ref_cache_{v['size']}"),
+            ref_cache_dir=str(unit / f"ref_cache_{size}"),
         )
-        extra = dict(metarm_data=paths["pool"]) if name.split("@")[0] == "haf_metarm" else {}
+        return base
+
+    strength: dict[str, Any] = {}
+    for size in dict.fromkeys(v["size"] for n, v in var.items() if n.split("@")[0] in v1.STRENGTH_METHODS):
+        strength[size] = strength_ensemble(unit_base(size), unit / f"strength_{size}", paths["train"], seed, sizes)
+        print(
+            f"[rm_quality] noise {noise} seed {seed} strength ensemble ({size}, M={sizes['members']}): AUROC "
+            f"{strength[size].get('auroc_flipped', math.nan):.3f} in {strength[size]['wall_s']:.0f} s",
+            flush=True,
+        )
+    records = []
+    for name, v in var.items():
+        t1 = time.time()
+        base = unit_base(v["size"])
+        method = name.split("@")[0]
+        extra = dict(metarm_data=paths["pool"]) if method == "haf_metarm" else {}
+        data = strength[v["size"]]["out_path"] if method in v1.STRENGTH_METHODS else paths["train"]
         run_dir = unit / name.replace("@", "_at_")
         cfg = TrainConfig.from_dict(
-            dict(base, run_dir=str(run_dir), train_data=paths["train"], seed=seed, **v["changes"], **extra)
+            dict(base, run_dir=str(run_dir), train_data=data, seed=seed, **v["changes"], **extra)
         )
         train(cfg)
         t2 = time.time()
@@ -303,7 +345,32 @@ def run_unit(args: tuple) -> dict[str, Any]:
             f"({rec['train_s']:.0f} s train + {rec['eval_s']:.0f} s eval)",
             flush=True,
         )
-    return dict(noise=noise, seed=seed, records=records, wall_s=time.time() - t0)
+    return dict(noise=noise, seed=seed, records=records, strength=strength, wall_s=time.time() - t0)
+
+
+def strength_ensemble(base: dict[str, Any], folder: Path, train_data: str, seed: int, sizes: dict[str, Any]) -> dict:
+    """The unit's preference strength: ``sizes["members"]`` BT members (alpha = 0) fine-tuned from ``base``'s model
+    (the prior), seeds ``100·seed + m``; ``run_strength_ensemble``'s summary (``out_path``: the training rows with
+    strength columns; ``auroc_flipped``: AUROC of −strength_mean vs the ``flipped`` flag) plus ``wall_s``."""
+    from training.config import TrainConfig
+    from training.ensemble import run_strength_ensemble
+
+    t0 = time.time()
+    steps = sizes["member_steps"]
+    cfg = TrainConfig.from_dict(
+        dict(
+            base,
+            run_dir=str(folder),
+            train_data=train_data,
+            max_steps=steps,
+            warmup_steps=min(10, steps // 2),
+            alpha=0.0,
+            seed=100 * seed,
+        )
+    )
+    out = run_strength_ensemble(cfg, members=sizes["members"], member_mode="seed", log=lambda *a, **k: None)
+    out["wall_s"] = time.time() - t0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -320,7 +387,8 @@ METRICS = (
 def summarise(
     units: list[dict[str, Any]], names: list[str], base_of: dict[str, str], noises: list[float], seeds: list[int]
 ) -> dict[str, Any]:
-    """Per variant, noise and metric: ``mean_ci`` over seeds, and ``paired_diff`` against its baseline."""
+    """Per variant, noise and metric: ``mean_ci`` over seeds, and ``paired_diff`` against its baseline; per model
+    size and noise, the strength ensemble's AUROC (flipped labels) and share of pairs with ``strength_mean < 0``."""
 
     def values(name: str, noise: float, metric: str) -> list[float]:
         by_seed = {
@@ -330,6 +398,20 @@ def summarise(
 
     cells: dict[str, Any] = {}
     diffs: dict[str, Any] = {}
+    strength: dict[str, Any] = {}
+    for size in dict.fromkeys(size for u in units for size in u.get("strength", {})):
+        for noise in noises:  # per model size and noise: AUROC of −strength_mean vs flipped, share of mean < 0
+            by_seed = {
+                u["seed"]: u["strength"][size] for u in units if u["noise"] == noise and size in u.get("strength", {})
+            }
+            rows = [by_seed.get(s, {}) for s in seeds]
+            members = {r["members"] for r in rows if "members" in r}
+            entry = strength.setdefault(size, dict(members=sorted(members), by_noise={}))
+            entry["members"] = sorted(set(entry["members"]) | members)
+            entry["by_noise"][str(noise)] = {
+                k: mean_ci([r.get(k, math.nan) for r in rows])
+                for k in ("auroc_flipped", "frac_negative", "frac_flipped")
+            }
     for name in names:
         for noise in noises:
             for metric, _, _ in METRICS:
@@ -339,7 +421,7 @@ def summarise(
                 if base and base != name and base in names:
                     d = paired_diff(values(name, noise, metric), values(base, noise, metric))
                     diffs.setdefault(name, {})[key] = dict(d, baseline=base)
-    return dict(cells=cells, diffs=diffs)
+    return dict(cells=cells, diffs=diffs, strength=strength)
 
 
 def _fmt(c: dict[str, Any], scale: float, digits: int, signed: bool = False) -> str:
@@ -352,7 +434,8 @@ def _fmt(c: dict[str, Any], scale: float, digits: int, signed: bool = False) -> 
 
 
 def markdown(summary: dict[str, Any], names: list[str], labels: dict[str, str], noises: list[float]) -> str:
-    """Tables: each metric (mean ± 95% CI), then the paired differences against the baseline."""
+    """Tables: each metric (mean ± 95% CI), then the paired differences against the baseline (and against HaF in
+    the ``secrets`` sweep); then the strength ensemble's AUROC per model size when a unit built one."""
     lines: list[str] = []
     for metric, title, scale in METRICS:
         digits = 1 if scale == 100.0 else 3
@@ -361,19 +444,46 @@ def markdown(summary: dict[str, Any], names: list[str], labels: dict[str, str], 
         for name in names:
             cells = [_fmt(summary["cells"][name][f"{metric}@{n}"], scale, digits) for n in noises]
             lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-        rows = [n for n in names if n in summary["diffs"]]
-        if rows:
-            bases = list(dict.fromkeys(summary["diffs"][r][f"{metric}@{noises[0]}"]["baseline"] for r in rows))
-            vs = labels.get(bases[0], bases[0]) if len(bases) == 1 else "the baseline of its row"
-            lines += ["", f"paired difference vs {vs} (same seeds), ± 95% CI, * : CI excludes 0", ""]
-            lines += ["| method | " + " | ".join(f"ρ={n}" for n in noises) + " |", "|" + " --- |" * (1 + len(noises))]
-            for name in rows:
-                cells = [_fmt(summary["diffs"][name][f"{metric}@{n}"], scale, digits, signed=True) for n in noises]
-                base = summary["diffs"][name][f"{metric}@{noises[0]}"]["baseline"]
-                row = labels[name] if len(bases) == 1 else f"{labels[name]} − {labels.get(base, base)}"
-                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        for diffs in (summary["diffs"], summary.get("diffs_vs_haf", {})):
+            lines += _diff_table(diffs, names, labels, noises, metric, scale, digits)
+        lines.append("")
+    for size, entry in summary.get("strength", {}).items():
+        by_noise, members = entry["by_noise"], "/".join(str(m) for m in entry["members"])
+        lines += [
+            f"**Preference strength** ({size} prior, M={members} members per unit): AUROC of −strength_mean vs the "
+            "flipped labels, the share of pairs with strength_mean < 0 and the share the annotator flipped, "
+            "mean ± 95% CI over seeds",
+            "",
+            "| | " + " | ".join(f"ρ={n}" for n in noises) + " |",
+            "|" + " --- |" * (1 + len(noises)),
+        ]
+        for key, title in (
+            ("auroc_flipped", "AUROC"),
+            ("frac_negative", "strength_mean < 0"),
+            ("frac_flipped", "flipped"),
+        ):
+            lines.append(f"| {title} | " + " | ".join(_fmt(by_noise[str(n)][key], 1.0, 3) for n in noises) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _diff_table(
+    diffs: dict[str, Any], names: list[str], labels: dict[str, str], noises: list[float], metric: str, scale, digits
+) -> list[str]:
+    """Markdown lines: the paired differences of ``metric`` against each row's baseline (none without rows)."""
+    rows = [n for n in names if n in diffs]
+    if not rows:
+        return []
+    bases = list(dict.fromkeys(diffs[r][f"{metric}@{noises[0]}"]["baseline"] for r in rows))
+    vs = labels.get(bases[0], bases[0]) if len(bases) == 1 else "the baseline of its row"
+    lines = ["", f"paired difference vs {vs} (same seeds), ± 95% CI, * : CI excludes 0", ""]
+    lines += ["| method | " + " | ".join(f"ρ={n}" for n in noises) + " |", "|" + " --- |" * (1 + len(noises))]
+    for name in rows:
+        cells = [_fmt(diffs[name][f"{metric}@{n}"], scale, digits, signed=True) for n in noises]
+        base = diffs[name][f"{metric}@{noises[0]}"]["baseline"]
+        row = labels[name] if len(bases) == 1 else f"{labels[name]} − {labels.get(base, base)}"
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: dict[str, Any], names: list[str], noises: list[float], path: Path) -> None:
@@ -409,7 +519,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny end-to-end run (CI): 2 seeds, noise 0.2, few steps")
     ap.add_argument("--no-prior", action="store_true", help="the old setting: secrets_rlhf's model from random init")
-    ap.add_argument("--sweep", choices=("", "alpha", "beta", "size"), default="", help="a sweep instead of methods")
+    ap.add_argument(
+        "--sweep", choices=("", "alpha", "beta", "size", "secrets"), default="", help="a sweep instead of methods"
+    )
     ap.add_argument("--size", default="base", help="model size(s) of the prior: " + "|".join(MODEL_SIZES))
     ap.add_argument("--out", default=None, help="results folder (default training/experiments/results)")
     ap.add_argument("--work", default=None, help="run folders and the prior cache (default runs/experiments)")
@@ -428,17 +540,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown --size {bad or args.size!r}; choose from {list(MODEL_SIZES)}")
     if args.no_prior and args.sweep == "size":
         raise SystemExit("--sweep size needs the prior (drop --no-prior)")
-    methods = [m for m in (args.methods or ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)).split(",") if m]
+    default_methods = SECRETS_METHODS if args.sweep == "secrets" else (QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    methods = [m for m in (args.methods or ",".join(default_methods)).split(",") if m]
     unknown = sorted(set(methods) - set(SUPPORTED))
     if unknown:
         raise SystemExit(f"unknown or unsupported methods {unknown}; choose from {list(SUPPORTED)}")
     if "bt" not in methods:
         methods = ["bt"] + methods  # the paired baseline
-    sizes = dict(v1.SIZES, **SIZES)
+    sizes = dict(v1.SIZES, **SIZES, **STRENGTH)
     if args.quick:
-        sizes.update(QUICK)
+        sizes.update(QUICK, **QUICK_STRENGTH)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0, 1] if args.quick else list(SEEDS))
     default_noise = [0.2] if (args.quick or args.sweep) else list(NOISE_RATES)
+    if args.sweep == "secrets" and not args.quick:
+        default_noise = list(SECRETS_NOISE)
     noises = [float(n) for n in args.noise.split(",")] if args.noise else default_noise
     tag = "rm_quality" + (f"_{args.sweep}" if args.sweep else "") + ("_noprior" if args.no_prior else "")
     work = Path(args.work or "runs/experiments") / (tag + ("_quick" if args.quick else ""))
@@ -495,9 +610,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.time() - t0
     names = list(var)
     summary = summarise(units, names, base_of, noises, seeds)
+    haf_of = haf_baselines(args.sweep, names)
+    if haf_of:
+        summary["diffs_vs_haf"] = summarise(units, names, haf_of, noises, seeds)["diffs"]
     labels = {k: v["label"] for k, v in var.items()}
     meta = dict(
-        command="python -m training.experiments.rm_quality " + " ".join(argv if argv is not None else []),
+        command="python -m training.experiments.rm_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         seeds=seeds,
         noise_rates=noises,
         sizes=sizes,
@@ -507,6 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_config=base_config(None if args.no_prior else "<prior>", priors.get("__no_prior_model__")),
         variants=var,
         baseline_of=base_of,
+        haf_baseline_of=haf_of or None,
         wall_s=wall,
         workers=args.workers,
         num_threads=1,
