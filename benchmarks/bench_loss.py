@@ -880,6 +880,7 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
             "threads": threads,
             "peaky_target_logit": PEAKY_TARGET_LOGIT,
             "concurrent_workers": args.jobs,
+            "rounds": args.rounds,
             "reps_note": args.reps_note or None,
             "reps_per_shape": args.reps_per_shape or None,
             "isolation": isolation,
@@ -969,7 +970,10 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
                 with ThreadPoolExecutor(args.jobs) as pool:
                     rows = list(pool.map(one, methods))
             else:
-                rows = [one(m) for m in methods]
+                # --rounds K: the whole method list K times, round by round, so a slow spell of the machine
+                # (another VM on the host) falls on every method alike instead of on whichever ran then
+                rounds = [[one(m) for m in methods] for _ in range(args.rounds)]
+                rows = [merge_rounds([rnd[i] for rnd in rounds]) for i in range(len(methods))]
             add_x_floor(rows)
             results.append(
                 {
@@ -985,6 +989,28 @@ def run(args: argparse.Namespace, on_block=None) -> dict[str, Any]:
     tmp.cleanup()
     res["partial"] = False
     return res
+
+
+def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's rows of several interleaved rounds as one row: the median and minimum over every timed step of
+    every round, the largest peak memory, the first round's errors, and each round's median (``round_ms``)."""
+    if len(rows) == 1:
+        return rows[0]
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        return {**bad[0], "rounds": len(rows)}
+    times = [t for r in rows for t in r["times_ms"]]
+    out = dict(rows[0])
+    out.update(
+        time_ms=round(bu.median(times), 3),
+        time_ms_min=round(min(times), 3),
+        times_ms=times,
+        round_ms=[r["time_ms"] for r in rows],
+        rounds=len(rows),
+        worker_wall_s=round(sum(r.get("worker_wall_s") or 0.0 for r in rows), 2),
+    )
+    out["mem"] = max((r["mem"] for r in rows), key=lambda m: m.get("peak_above_inputs_mib") or 0.0)
+    return out
 
 
 def add_x_floor(rows: list[dict[str, Any]]) -> None:
@@ -1040,6 +1066,12 @@ def to_markdown(res: dict[str, Any]) -> str:
         out += [f"Note: {res['note']}", ""]
     if res["config"].get("reps_note"):
         out += [f"Note: {res['config']['reps_note']}", ""]
+    if c.get("rounds", 1) > 1:
+        out += [
+            f"Rounds: the method list ran {c['rounds']} times, interleaved (each method in a fresh process each "
+            "round); medians are over every timed step of every round, per-round medians in the JSON (`round_ms`).",
+            "",
+        ]
     if res["config"].get("concurrent_workers", 1) > 1:
         out += [f"Note: {res['config']['concurrent_workers']} workers ran at once: timings are not comparable.", ""]
     mem_cols = ["peak above inputs (MiB)", "peak RSS (MiB)"] if cpu else ["peak above inputs (MiB)"]
@@ -1168,6 +1200,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--budget", type=float, help="one-process presets: seconds for the whole run (the rest is skipped)")
     p.add_argument("--jobs", type=int, default=1, help="concurrent workers (smoke tests only: spoils timings)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="CPU presets: run the method list this many times, interleaved, and report the median over all rounds' "
+        "steps (a shared VM's slow spells then hit every method alike)",
+    )
     p.add_argument("--no-errors", action="store_true", help="skip the float64 reference and the error columns")
     p.add_argument("--out-dir", default=str(bu.RESULTS))
     p.add_argument("--tag", default="", help="extra file-name tag")
@@ -1190,6 +1229,10 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{type(exc).__name__}: {exc}"
             bu.emit({"status": "oom" if "out of memory" in msg.lower() else "error", "reason": msg[:800]})
         return 0
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and (args.jobs > 1 or PRESETS[args.preset].get("isolation", "method") == "run"):
+        raise SystemExit("--rounds needs the per-method isolation of the CPU presets and --jobs 1")
     if args.reps and args.reps < 5 and not args.reps_note:
         args.reps_note = f"only {args.reps} timed repetitions (fewer than the usual 5)"
     if args.reps_per_shape and not args.reps_note:

@@ -70,6 +70,30 @@ def test_bench_loss_tiny(tmp_path: Path) -> None:
                     assert err[key] < FP32_TOL, (name, key, err[key])
 
 
+def test_bench_loss_rounds_interleave_and_merge(tmp_path: Path) -> None:
+    """--rounds 2 runs every method twice and reports the median over both rounds' steps, with each round's median."""
+    res = _run("bench_loss.py", tmp_path, "--regimes", "random", "--methods", "floor,haf-torch", "--rounds", "2")
+    assert res["config"]["rounds"] == 2
+    for r in res["results"][0]["methods"]:
+        assert r["status"] == "ok" and r["rounds"] == 2 and len(r["round_ms"]) == 2, r
+        assert len(r["times_ms"]) == 2 * r["reps"]
+        assert r["time_ms"] == pytest.approx(bench_loss.bu.median(r["times_ms"]), abs=1e-3)
+        assert r["time_ms_min"] == min(r["times_ms"])
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "the method list ran 2 times, interleaved" in md
+
+
+def test_merge_rounds_keeps_a_failure() -> None:
+    ok = {"status": "ok", "time_ms": 2.0, "times_ms": [1.0, 3.0], "mem": {"peak_above_inputs_mib": 1.0}}
+    bad = {"status": "error", "reason": "boom"}
+    assert bench_loss.merge_rounds([ok, bad]) == {**bad, "rounds": 2}
+    merged = bench_loss.merge_rounds(
+        [ok, {**ok, "times_ms": [5.0, 7.0], "time_ms": 6.0, "mem": {"peak_above_inputs_mib": 4.0}}]
+    )
+    assert merged["times_ms"] == [1.0, 3.0, 5.0, 7.0] and merged["round_ms"] == [2.0, 6.0]
+    assert merged["time_ms"] == 4.0 and merged["time_ms_min"] == 1.0 and merged["mem"]["peak_above_inputs_mib"] == 4.0
+
+
 def test_make_inputs_deterministic_and_peaky() -> None:
     shape = (2, 8, 16, 64)
     a = bench_loss.make_inputs(shape, "peaky", torch.float32, "cpu")

@@ -233,3 +233,103 @@ def test_rm_quality_secrets_sweep_quick(tmp_path):
     assert init.keys() == ref.keys() and all(torch.equal(init[k], ref[k]) for k in ref)
     trained = load_member(member)[0].base_lm.state_dict()
     assert any(not torch.equal(trained[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------ --portable: the same bits on other SIMD paths
+_PORTABLE_SCRIPT = """
+import hashlib, json, pathlib, sys
+portable, work = sys.argv[1] == "1", pathlib.Path(sys.argv[2])
+if portable:
+    from training.experiments.numerics import pin_portable_numerics
+    pin_portable_numerics()
+from training.experiments import rm_quality as Q
+from training.experiments.prior import build_prior
+sizes = dict(Q.v1.SIZES, **Q.SIZES)
+sizes.update(Q.QUICK, max_steps=3)
+folder, _ = build_prior(Q.prior_config("base", quick=True), work / "priors", log=None)
+var, _ = Q.variants("", ["bt"], ["base"])
+Q.run_unit((str(work / "unit"), 0.2, 1, sizes, var, {"base": str(folder)}))
+from safetensors.torch import load_file
+def digest(path):  # the tensors only (the header's metadata may name the run)
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+import torch
+files = sorted(work.rglob("*.safetensors"))
+print(json.dumps({str(p.relative_to(work)): digest(p) for p in files}))
+"""
+
+# What another CPU would run: baseline-x86 ATen kernels, MKL's SSE2-compatible GEMMs, oneDNN and haf's row kernels
+# without AVX (this machine can run all of them, so the test emulates a CPU with other SIMD paths).
+_OTHER_CPU = {
+    "MKL_CBWR": "COMPATIBLE",
+    "ATEN_CPU_CAPABILITY": "default",
+    "DNNL_MAX_CPU_ISA": "SSE41",
+    "HAF_CPP_ISA": "default",
+}
+
+
+def _weights_digest(tmp_path, name: str, portable: bool, other_cpu: bool) -> dict[str, str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in _OTHER_CPU}
+    if other_cpu:
+        env.update(_OTHER_CPU)
+    env["OMP_NUM_THREADS"] = "1"
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    work = tmp_path / name
+    proc = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_SCRIPT, "1" if portable else "0", str(work)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_portable_numerics_give_the_same_weights_on_other_simd_paths(tmp_path):
+    """--portable pins every library's SIMD path: the prior and a fine-tuned reward model come out bitwise equal
+    when the process would otherwise run other kernels (an emulated CPU), while without it they differ."""
+    from training.experiments.numerics import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("--portable needs an x86-64 CPU with AVX2 and FMA")
+    pinned = _weights_digest(tmp_path, "a", portable=True, other_cpu=False)
+    pinned_other = _weights_digest(tmp_path, "b", portable=True, other_cpu=True)
+    native = _weights_digest(tmp_path, "c", portable=False, other_cpu=False)
+    native_other = _weights_digest(tmp_path, "d", portable=False, other_cpu=True)
+    assert len(pinned) >= 2, pinned  # the prior and the reward model at least
+    assert pinned == pinned_other
+    assert set(native) == set(native_other) and native != native_other  # the emulated CPU does change the bits
+
+
+def test_portable_refuses_after_torch_chose_its_kernels():
+    """In a process whose torch already dispatched its kernels on another path, --portable refuses in one line
+    instead of silently running unpinned."""
+    import os
+    import subprocess
+    import sys
+
+    from training.experiments.numerics import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("--portable needs an x86-64 CPU with AVX2 and FMA")
+    code = (
+        "import torch; torch.ones(3).exp().sum()\n"
+        "from training.experiments.numerics import pin_portable_numerics\n"
+        "pin_portable_numerics()\n"
+    )
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "--portable: torch already runs its DEFAULT kernels in this process" in proc.stderr

@@ -529,7 +529,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(SUPPORTED))
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0..4; quick: 0,1)")
     ap.add_argument("--noise", default=None, help="noise rates (default 0,0.2,0.4; sweeps 0.2; quick 0.2)")
+    ap.add_argument(
+        "--portable",
+        action="store_true",
+        help="pin MKL/ATen/oneDNN/haf row kernels to their AVX2 paths: bitwise the same records on any x86-64 AVX2 "
+        "CPU (see training/experiments/numerics.py)",
+    )
     args = ap.parse_args(argv)
+    numerics: dict[str, str] | str = "native"
+    if args.portable:  # before any tensor operation of this process (the spawned workers inherit the environment)
+        from training.experiments.numerics import pin_portable_numerics
+
+        numerics = pin_portable_numerics()
     if args.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     sizes_list = [s for s in args.size.split(",") if s]
@@ -629,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wall_s=wall,
         workers=args.workers,
         num_threads=1,
+        numerics=numerics,
     )
     result = dict(meta=meta, summary=summary, units=units)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
