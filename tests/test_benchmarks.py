@@ -120,3 +120,18 @@ def test_bench_train_tiny(tmp_path: Path) -> None:
         assert r["tokens_per_s"] > 0 and r["mem"]["peak_rss_mib"] > 0
     # same seeded model and batch: the first step's loss agrees between the fused and the naive loss
     assert abs(rows["haf"]["first_loss"] - rows["naive"]["first_loss"]) < 1e-4
+
+
+def test_profile_cpp_tiny() -> None:
+    """The chunk profiler runs at a tiny shape and reports every stage and the fused/GEMM ratio."""
+    import profile_cpp
+
+    from haf_kernels.backends import cpp
+
+    if not cpp.is_available():
+        pytest.skip("the cpp backend is not built")
+    med = profile_cpp.main(["--n", "16", "--d", "8", "--v", "300", "--iters", "2"])
+    assert set(med) == {"forward_keep", "backward_saved", "H·Wᵀ", "Z·W", "Zᵀ·H", "ratio"}
+    assert all(v > 0 for v in med.values())
+    with pytest.raises(SystemExit, match="--iters must be >= 1"):
+        profile_cpp.main(["--iters", "0"])
