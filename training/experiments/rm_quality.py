@@ -316,7 +316,7 @@ def run_unit(args: tuple) -> dict[str, Any]:
 
     strength: dict[str, Any] = {}
     for size in dict.fromkeys(v["size"] for n, v in var.items() if n.split("@")[0] in v1.STRENGTH_METHODS):
-        strength[size] = strength_ensemble(unit_base(size), unit / f"strength_{size}", paths["train"], seed, sizes)
+        strength[size] = v1.strength_ensemble(unit_base(size), unit / f"strength_{size}", paths["train"], seed, sizes)
         print(
             f"[rm_quality] noise {noise} seed {seed} strength ensemble ({size}, M={sizes['members']}): AUROC "
             f"{strength[size].get('auroc_flipped', math.nan):.3f} in {strength[size]['wall_s']:.0f} s",
@@ -346,31 +346,6 @@ def run_unit(args: tuple) -> dict[str, Any]:
             flush=True,
         )
     return dict(noise=noise, seed=seed, records=records, strength=strength, wall_s=time.time() - t0)
-
-
-def strength_ensemble(base: dict[str, Any], folder: Path, train_data: str, seed: int, sizes: dict[str, Any]) -> dict:
-    """The unit's preference strength: ``sizes["members"]`` BT members (alpha = 0) fine-tuned from ``base``'s model
-    (the prior), seeds ``100·seed + m``; ``run_strength_ensemble``'s summary (``out_path``: the training rows with
-    strength columns; ``auroc_flipped``: AUROC of −strength_mean vs the ``flipped`` flag) plus ``wall_s``."""
-    from training.config import TrainConfig
-    from training.ensemble import run_strength_ensemble
-
-    t0 = time.time()
-    steps = sizes["member_steps"]
-    cfg = TrainConfig.from_dict(
-        dict(
-            base,
-            run_dir=str(folder),
-            train_data=train_data,
-            max_steps=steps,
-            warmup_steps=min(10, steps // 2),
-            alpha=0.0,
-            seed=100 * seed,
-        )
-    )
-    out = run_strength_ensemble(cfg, members=sizes["members"], member_mode="seed", log=lambda *a, **k: None)
-    out["wall_s"] = time.time() - t0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- reporting

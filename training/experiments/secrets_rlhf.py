@@ -164,7 +164,6 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> d
     torch.set_num_threads(1)
     from training.config import TrainConfig
     from training.data import read_records
-    from training.ensemble import run_strength_ensemble
     from training.trainer import train
 
     work = Path(work_s)
@@ -178,24 +177,12 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> d
     )
     if skip_bad_rows:
         base["skip_bad_rows"] = True
-    quiet = lambda *a, **k: None  # noqa: E731
     t0 = time.time()
     strength: dict[str, Any] = {}
     if any(m in STRENGTH_METHODS for m in methods):
-        ens_cfg = TrainConfig.from_dict(
-            dict(
-                base,
-                run_dir=str(unit / "strength"),
-                train_data=paths["train"],
-                model_config=MEMBER_MODEL,
-                max_steps=sizes["member_steps"],
-                warmup_steps=min(10, sizes["member_steps"] // 2),
-                alpha=0.0,
-                seed=100 * seed,
-            )
+        strength = strength_ensemble(
+            dict(base, model_config=MEMBER_MODEL), unit / "strength", paths["train"], seed, sizes
         )
-        strength = run_strength_ensemble(ens_cfg, members=sizes["members"], member_mode="seed", log=quiet)
-        strength["wall_s"] = time.time() - t0
     records = []
     for name in methods:
         label, changes, scored_by = METHODS[name]
@@ -225,6 +212,34 @@ def run_unit(args: tuple[str, float, int, dict[str, Any], list[str], bool]) -> d
         frac_flipped=sum(flipped) / len(flipped),
         wall_s=time.time() - t0,
     )
+
+
+def strength_ensemble(base: dict[str, Any], folder: Path, train_data: str, seed: int, sizes: dict[str, Any]) -> dict:
+    """The unit's preference strength: ``sizes["members"]`` BT members (alpha = 0) trained from ``base``'s model (v1:
+    ``MEMBER_MODEL`` from random init; v2, ``rm_quality``: the prior), seeds ``100·seed + m``.
+
+    Returns ``run_strength_ensemble``'s summary (``out_path``: the training rows with strength columns;
+    ``auroc_flipped``: AUROC of −strength_mean vs the ``flipped`` flag) plus ``wall_s``.
+    """
+    from training.config import TrainConfig
+    from training.ensemble import run_strength_ensemble
+
+    t0 = time.time()
+    steps = sizes["member_steps"]
+    cfg = TrainConfig.from_dict(
+        dict(
+            base,
+            run_dir=str(folder),
+            train_data=train_data,
+            max_steps=steps,
+            warmup_steps=min(10, steps // 2),
+            alpha=0.0,
+            seed=100 * seed,
+        )
+    )
+    out = run_strength_ensemble(cfg, members=sizes["members"], member_mode="seed", log=lambda *a, **k: None)
+    out["wall_s"] = time.time() - t0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- reporting
