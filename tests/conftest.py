@@ -62,6 +62,19 @@ def torch_err_bound(torch_err: float, dtype: torch.dtype) -> float:
     return TORCH_ERR_FACTOR * torch_err + TORCH_ERR_FLOOR[dtype]
 
 
+def peaked_inputs(n, v, d, target_logit=15.0, seed=0):
+    """A trained LM's rows (as the benchmarks' ``peaky`` regime): the target logit ~15 above the rest.
+
+    Where fp32 shortcuts show: the target's gradient is ``g·(1 − p)`` with ``p`` close to 1, so one fp32 rounding
+    of a large ``lse`` or a sum of small terms rounded against the max's 1 costs most of it."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=gen)
+    w = torch.randn(v, d, generator=gen) / d**0.5
+    y = torch.randint(0, v, (n,), generator=gen)
+    w.index_add_(0, y, h * (target_logit / d))
+    return h, w, y
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(int(os.environ.get("HAF_TEST_SEED", "0")))

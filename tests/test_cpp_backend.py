@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err, tol, torch_err_bound
+from conftest import peaked_inputs, rel_err, tol, torch_err_bound
 
 import haf_kernels
 from haf_kernels import backends
@@ -356,16 +356,6 @@ ISAS = cpp.isa_supported()
 def restore_isa():
     yield
     cpp.set_isa("auto")
-
-
-def peaked_inputs(n, v, d, target_logit=15.0, seed=0):
-    """A trained LM's rows (as the benchmarks' ``peaky`` regime): the target logit ~15 above the rest."""
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=gen)
-    w = torch.randn(v, d, generator=gen) / d**0.5
-    y = torch.randint(0, v, (n,), generator=gen)
-    w.index_add_(0, y, h * (target_logit / d))
-    return h, w, y
 
 
 def test_isa_choice_reported_and_checked(restore_isa):

@@ -226,7 +226,8 @@ def test_pair_chunks_budget_from_free_memory_and_kept_dtype(monkeypatch):
     """Unset ``HAF_KEEP_CHUNK_MB``: 64 MiB off CUDA, else 1/8 of the free memory in [512 MiB, 4 GiB] (at most half of
     it); a backend keeping 2-byte logits fits twice the tokens; the one-pair cap grows with the budget."""
     from haf_kernels import memory
-    from haf_kernels.backends import capabilities
+    from haf_kernels.backends import cpp, torch_chunked
+    from haf_kernels.backends import triton as triton_backend
     from haf_kernels.logprobs import pair_chunks
 
     monkeypatch.delenv("HAF_KEEP_CHUNK_MB", raising=False)
@@ -248,8 +249,8 @@ def test_pair_chunks_budget_from_free_memory_and_kept_dtype(monkeypatch):
     assert pair_chunks(labels, vocab, -100, logit_bytes=2, free_bytes=60 * gib) == [(0, 8)]
     # the same in fp32: half as many tokens per chunk
     assert pair_chunks(labels, vocab, -100, logit_bytes=4, free_bytes=60 * gib) == [(0, 4), (4, 8)]
-    # the backends' declared kept dtypes
-    assert capabilities("torch").kept_logit_bytes(torch.bfloat16) == 4
-    assert capabilities("cpp").kept_logit_bytes(torch.float64) == 8
-    assert capabilities("triton").kept_logit_bytes(torch.bfloat16) == 2
-    assert capabilities("triton").kept_logit_bytes(torch.float32) == 4
+    # the backends' declared kept dtypes (declarations hold whether or not the backend can run here)
+    assert torch_chunked.CAPABILITIES.kept_logit_bytes(torch.bfloat16) == 4
+    assert cpp.CAPABILITIES.kept_logit_bytes(torch.float64) == 8
+    assert triton_backend.CAPABILITIES.kept_logit_bytes(torch.bfloat16) == 2
+    assert triton_backend.CAPABILITIES.kept_logit_bytes(torch.float32) == 4

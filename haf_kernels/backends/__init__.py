@@ -7,9 +7,10 @@ Every backend module exposes ``NAME``, ``is_available()``, ``why_unavailable()``
     backward(grad_logp[N], hidden, weight, labels, bias, lse, opts, needs=(dh, dw, db))
         -> (dhidden | None, dweight | None, dbias | None)
 
-``logp``/``lse`` are fp32 (fp64 for fp64 inputs); gradients come back in their input's dtype. A backend may
-also offer ``forward_keep`` / ``backward_saved`` (keep one chunk's logits between the two, 3 GEMMs instead of
-4), used by the whole-loss path; otherwise the generic fallback in ``logprobs.py`` recomputes::
+``logp`` is fp32 (fp64 for fp64 inputs), ``lse`` float64 (a backward reads it as fp32 ``hi + lo``: one fp32
+rounding of a large lse would cost a peaked row's ``1 − p`` its accuracy); gradients come back in their input's
+dtype. A backend may also offer ``forward_keep`` / ``backward_saved`` (keep one chunk's logits between the two,
+3 GEMMs instead of 4), used by the whole-loss path; otherwise the generic fallback in ``logprobs.py`` recomputes::
 
     forward_keep(hidden, weight, labels, bias, opts[, out]) -> (logp, lse, saved)
     backward_saved(saved, grad_logp, hidden, weight, labels, bias, lse, opts, needs[, dw_acc, db_acc])

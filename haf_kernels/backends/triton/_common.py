@@ -31,6 +31,39 @@ def autotune_requested(tuning: Tuning) -> bool:
     return tuning.autotune and not interpreting()
 
 
+def combine_partials(
+    part: torch.Tensor, labels: torch.Tensor, ignore_index: int, acc_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [N] in acc_dtype, lse [N] float64)`` from per-split partials ``part [3, S, N]`` (max, sum of
+    exp(z − max), target logit or 0), combined in float64: one fp32 rounding of a large lse (≈ 20: 1e-6 absolute)
+    would cost the target's ``1 − p`` of a peaked row most of its accuracy, so the backward reads lse as
+    ``hi + lo`` (:func:`lse_hi_lo`), as the cpp and torch backends do. ``logp`` is 0 where ``labels == ignore_index``.
+    """
+    f64 = torch.float64
+    run_max, run_sum = part[0].to(f64), part[1].to(f64)
+    top = run_max.max(dim=0).values
+    lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
+    valid = labels != ignore_index
+    logp = torch.where(valid, part[2].sum(dim=0).to(f64) - lse, torch.zeros((), dtype=f64, device=lse.device))
+    return logp.to(acc_dtype), lse
+
+
+def lse_hi_lo(lse: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``[2, N]`` in ``acc_dtype``: row 0 ``lse`` rounded, row 1 the rest (0 where not finite, and for float64),
+    for the kernels' ``p = exp((z − hi) − lo)``."""
+    hi = lse.to(acc_dtype)
+    lo = torch.where(torch.isfinite(hi), lse.to(torch.float64) - hi.to(torch.float64), 0.0).to(acc_dtype)
+    return torch.stack((hi, lo)).contiguous()
+
+
+def require_dot_dtype(dtype: torch.dtype) -> None:
+    """``TypeError`` when this Triton cannot compile the kernels' ``tl.dot`` for ``dtype`` (float64: Triton >= 3.5)."""
+    from . import CAPABILITIES, FP64_DOT_TRITON, TRITON_VERSION
+
+    if dtype == torch.float64 and TRITON_VERSION < FP64_DOT_TRITON:
+        raise TypeError(f"the Triton kernels cannot take float64 hidden/weight here: {CAPABILITIES.dtype_note}")
+
+
 def dot_precision(dtype: torch.dtype, tuning: Tuning) -> str:
     """``tl.dot`` input precision: fp32 inputs use exact IEEE products (TF32 would cost ~1e-3 relative error).
 

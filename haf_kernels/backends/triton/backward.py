@@ -53,6 +53,8 @@ from ._common import (
     device_guard,
     dot_precision,
     group_rows,
+    lse_hi_lo,
+    require_dot_dtype,
     tiles_for,
 )
 
@@ -64,7 +66,7 @@ def linear_logprobs_bwd_dlogits_kernel(
     b_ptr,  # [V] bias
     y_ptr,  # [N] labels
     g_ptr,  # [N] upstream gradient dL/dlogp
-    lse_ptr,  # [N] log-sum-exp from the forward
+    lse_ptr,  # [2, N] log-sum-exp from the forward as hi (row 0) + lo (row 1) (lse_hi_lo)
     dz_ptr,  # [N, C] out: dL/d(raw logits) of this chunk, in the GEMM dtype
     dbp_ptr,  # [token tiles, C] out: fp32 column sums of dz per token tile (for dbias)
     flag_ptr,  # [token tiles, vocab tiles of C] out: 1 if the tile has any |dz| > threshold (FILTER only)
@@ -103,7 +105,8 @@ def linear_logprobs_bwd_dlogits_kernel(
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
     live = row_ok & (y != ignore_index)
     g = tl.load(g_ptr + rows, mask=live, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
+    hi = tl.load(lse_ptr + rows, mask=live, other=0.0)
+    lo = tl.load(lse_ptr + N + rows, mask=live, other=0.0)
     z = _logits_tile(
         h_ptr,
         w_ptr,
@@ -128,7 +131,7 @@ def linear_logprobs_bwd_dlogits_kernel(
         BLOCK_V,
         BLOCK_D,
     )
-    p = tl.exp(z - lse.to(z.dtype)[:, None])
+    p = tl.exp((z - hi.to(z.dtype)[:, None]) - lo.to(z.dtype)[:, None])
     onehot = (cols[None, :] == y[:, None]).to(z.dtype)
     dz = onehot - p  # s: dL/d(raw logits) / g, stored unscaled (g is applied in fp32 by the GEMM kernels)
     if HAS_SOFTCAP:
@@ -393,6 +396,7 @@ def linear_logprobs_bwd(
     ``grad_filter`` (default: :func:`grad_filter_threshold`) skips tiles whose ``|onehot − p|`` (times the
     softcap/scale chain) are all below it: a threshold relative to the softmax, independent of the loss scale.
     """
+    require_dot_dtype(hidden.dtype)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -418,7 +422,7 @@ def linear_logprobs_bwd(
     # dW's H tiles are scaled by g / gmax (≤ 1 in magnitude), the product by gmax (no host sync)
     gmax = g.abs().amax().clamp_min(torch.finfo(acc_dtype).tiny).reshape(1)
     gn = (g / gmax).contiguous()
-    lse = lse.to(acc_dtype).contiguous()
+    lse = lse_hi_lo(lse, acc_dtype)
     bias_c = None if bias is None else bias.contiguous()
     is_fp64 = hidden.dtype == torch.float64
     prec = dot_precision(hidden.dtype, opts.tuning)

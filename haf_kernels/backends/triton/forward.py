@@ -34,11 +34,13 @@ from ._common import (
     _online_lse_step,
     _store_split_partials,
     autotune_requested,
+    combine_partials,
     device_guard,
     dot_precision,
     group_rows,
     interpreting,
     num_sms,
+    require_dot_dtype,
     resident_ctas,
     tiles_for,
 )
@@ -166,8 +168,8 @@ def linear_logprobs_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs and log-sum-exp: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]``, ``bias [V]``.
 
-    Returns ``(logp [N], lse [N])`` in fp32 (fp64 for fp64 inputs); ``logp`` is 0 where
-    ``labels == ignore_index`` (``lse`` is then finite but meaningless). ``hidden``/``weight`` may be
+    Returns ``(logp [N], lse [N])``: ``logp`` fp32 (fp64 for fp64 inputs), 0 where ``labels == ignore_index``;
+    ``lse`` float64 (then finite but meaningless). ``hidden``/``weight`` may be
     strided; ``vocab_splits`` forces the number of vocab splits (default: fill the GPU); ``tiles``
     overrides the tile table.
     """
@@ -177,13 +179,13 @@ def linear_logprobs_fwd(
         raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {list(labels.shape)}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    require_dot_dtype(hidden.dtype)
     n, d = hidden.shape
     vocab = weight.shape[0]
     acc_dtype = compute_dtype(hidden.dtype)
     dev = hidden.device
     if n == 0:
-        empty = torch.zeros(0, dtype=acc_dtype, device=dev)
-        return empty, empty.clone()
+        return torch.zeros(0, dtype=acc_dtype, device=dev), torch.zeros(0, dtype=torch.float64, device=dev)
     labels = labels.contiguous()
     bias_c = None if bias is None else bias.contiguous()
     flags = dict(
@@ -256,14 +258,4 @@ def linear_logprobs_fwd(
         else:
             grid = (triton.cdiv(n, t.block_n) * splits,)
             linear_logprobs_fwd_kernel[grid](*args, **launch)
-    run_max, run_sum, target = part[0], part[1], part[2]
-    if splits == 1:
-        lse = run_max[0] + torch.log(run_sum[0])
-        tgt = target[0]
-    else:
-        top = run_max.max(dim=0).values
-        lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-        tgt = target.sum(dim=0)
-    valid = labels != opts.ignore_index
-    logp = torch.where(valid, tgt - lse, torch.zeros((), dtype=acc_dtype, device=dev))
-    return logp, lse
+    return combine_partials(part, labels, opts.ignore_index, acc_dtype)

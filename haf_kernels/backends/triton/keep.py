@@ -53,8 +53,10 @@ from ._common import (
     _head_transform,
     _online_lse_step,
     _store_split_partials,
+    combine_partials,
     device_guard,
     interpreting,
+    lse_hi_lo,
     num_sms,
 )
 
@@ -125,7 +127,7 @@ def keep_lse_kernel(
 def keep_grad_kernel(
     z_ptr,  # [n, V] kept raw logits, overwritten with s = (onehot - p)·chain
     y_ptr,  # [n] labels
-    lse_ptr,  # [n] log-sum-exp (fp32 / fp64)
+    lse_ptr,  # [2, n] log-sum-exp as hi (row 0) + lo (row 1), fp32 / fp64 (lse_hi_lo)
     g_ptr,  # [n] upstream gradient (HAS_BIAS only: column sums of g·s)
     dbp_ptr,  # [R, V] out: fp32 column sums of g·s per row split (HAS_BIAS only)
     n,
@@ -152,13 +154,14 @@ def keep_grad_kernel(
         row_ok = rows < n
         y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
         live = row_ok & (y != ignore_index)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+        hi = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+        lo = tl.load(lse_ptr + n + rows, mask=row_ok, other=0.0).to(acc_ty)
         mask = row_ok[:, None] & col_ok[None, :]
         ptrs = z_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :]
         z, zc = _head_transform(
             tl.load(ptrs, mask=mask, other=0.0).to(acc_ty), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
         )
-        s = (cols[None, :] == y[:, None]).to(acc_ty) - tl.exp(z - lse[:, None])
+        s = (cols[None, :] == y[:, None]).to(acc_ty) - tl.exp((z - hi[:, None]) - lo[:, None])
         if HAS_SOFTCAP:
             s = s * (1.0 - zc * zc)  # d(c·tanh(u/c))/du from the unrounded tanh, in fp32
         if HAS_SCALE:
@@ -243,9 +246,9 @@ def keep_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logp [n], lse [n], z [n, V])``: one GEMM makes the logits, ``keep_lse_kernel`` the rest.
 
-    ``hidden [n, D]``, ``weight [V, D]`` (same dtype), ``labels [n]``, ``bias [V]``. ``logp``/``lse`` fp32 (fp64 for
-    fp64), ``logp`` 0 where ``labels == ignore_index``; ``z`` holds the raw logits ``h·Wᵀ + b`` (before scale and
-    softcap) in :func:`keep_dtype` for :func:`keep_backward` (which overwrites it).
+    ``hidden [n, D]``, ``weight [V, D]`` (same dtype), ``labels [n]``, ``bias [V]``. ``logp`` fp32 (fp64 for fp64),
+    0 where ``labels == ignore_index``; ``lse`` float64 (see :func:`combine_partials`); ``z`` holds the raw logits
+    ``h·Wᵀ + b`` (before scale and softcap) in :func:`keep_dtype` for :func:`keep_backward` (which overwrites it).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, D] and weight [V, D]; got {list(hidden.shape)} and {list(weight.shape)}")
@@ -260,8 +263,7 @@ def keep_forward(
     h, w = hidden.to(kd), weight.to(kd)
     z = torch.mm(h, w.T) if bias is None else torch.addmm(bias.to(kd), h, w.T)  # bias in the GEMM epilogue
     if n == 0:
-        empty = torch.zeros(0, dtype=acc, device=dev)
-        return empty, empty.clone(), z
+        return torch.zeros(0, dtype=acc, device=dev), torch.zeros(0, dtype=torch.float64, device=dev), z
     t = tiles or row_tiles(dev)
     labels = labels.contiguous()
     n_rb = triton.cdiv(n, t.block_r)
@@ -289,11 +291,7 @@ def keep_forward(
             BLOCK_V=t.block_v,
             num_warps=t.num_warps,
         )
-    run_max, run_sum, target = part[0], part[1], part[2]
-    top = run_max.max(dim=0).values
-    lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-    valid = labels != opts.ignore_index
-    logp = torch.where(valid, target.sum(dim=0) - lse, torch.zeros((), dtype=acc, device=dev))
+    logp, lse = combine_partials(part, labels, opts.ignore_index, acc)
     return logp, lse, z
 
 
@@ -344,7 +342,7 @@ def keep_backward(
         keep_grad_kernel[(n_vt, row_splits)](
             z,
             labels,
-            lse.to(acc).contiguous(),
+            lse_hi_lo(lse, acc),
             g,
             dbp,
             n,
