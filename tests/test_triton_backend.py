@@ -15,13 +15,9 @@ import pytest
 import torch
 from conftest import TRITON_INTERPRET, needs_triton, peaked_inputs, torch_err_bound
 
-try:
-    import triton
-except ImportError:  # pragma: no cover - the module is skipped then (needs_triton)
-    triton = None
-
 from haf_kernels import backends, linear_logprobs
 from haf_kernels.backends import reference
+from haf_kernels.backends import triton as triton_backend
 from haf_kernels.backends.triton import FP64_DOT_TRITON, parse_version
 from haf_kernels.options import LogprobOptions
 
@@ -327,8 +323,6 @@ def test_peaked_rows_as_accurate_as_torch(path, case):
     """On peaked rows (the target ~20 above the rest, lse ≈ 20) the Triton paths are as accurate as plain fp32
     PyTorch (conftest's one rule): lse is combined in float64 and read as hi + lo, so the target's ``1 − p`` is not
     lost to one fp32 rounding of lse (which alone is ~1e-6 absolute there, against ``1 − p`` of 1e-5)."""
-    from haf_kernels.backends import triton as tb
-
     h, w, y = (t.to(DEVICE) for t in peaked_inputs(48, 600, 32, target_logit=20.0))
     scale, cap = (1.0, None) if case == "plain" else (0.9, 30.0)
     opts = LogprobOptions(logit_scale=scale, softcap=cap)
@@ -338,18 +332,18 @@ def test_peaked_rows_as_accurate_as_torch(path, case):
     tlogp = reference.linear_logprobs(hf, wf, y, None, opts)  # plain fp32 PyTorch on the same inputs
     tlogp.backward(g.float())
     if path == "keep":
-        logp, lse, kept = tb.forward_keep(h, w, y, None, opts)
-        dh, dw, _ = tb.backward_saved(kept, g.float(), h, w, y, None, lse, opts, (True, True, False))
+        logp, lse, kept = triton_backend.forward_keep(h, w, y, None, opts)
+        dh, dw, _ = triton_backend.backward_saved(kept, g.float(), h, w, y, None, lse, opts, (True, True, False))
     else:
-        logp, lse = tb.forward(h, w, y, None, opts)
-        dh, dw, _ = tb.backward(g.float(), h, w, y, None, lse, opts, (True, True, False))
+        logp, lse = triton_backend.forward(h, w, y, None, opts)
+        dh, dw, _ = triton_backend.backward(g.float(), h, w, y, None, lse, opts, (True, True, False))
     for name, out, ref, base in (("logp", logp, rlogp, tlogp), ("dh", dh, rdh, hf.grad), ("dw", dw, rdw, wf.grad)):
         err, terr = rel(out, ref), rel(base, ref)
         bound = torch_err_bound(terr, torch.float32)
         assert err <= bound, f"{path} {case} {name}: rel err {err:.2e} > {bound:.2e} (torch fp32 {terr:.2e})"
 
 
-FP64_OK = parse_version(getattr(triton, "__version__", "")) >= FP64_DOT_TRITON if triton else False
+FP64_OK = torch.float64 in triton_backend.CAPABILITIES.dtypes  # Triton >= 3.5 (declared_dtypes)
 
 
 def test_float64(nan_empty):

@@ -91,12 +91,15 @@ def test_launchers_refuse_float64_on_old_triton(monkeypatch):
         pytest.skip(f"this Triton ({T.TRITON_VERSION}) is below the supported range: the kernels are not loaded")
     from haf_kernels.backends.triton import _common
 
-    monkeypatch.setattr(T, "TRITON_VERSION", (3, 4))
-    monkeypatch.setattr(T, "CAPABILITIES", dataclasses.replace(T.CAPABILITIES, dtype_note="needs triton >= 3.5"))
-    with pytest.raises(TypeError, match="float64 hidden/weight"):
+    def as_on(version):
+        dtypes, note = T.declared_dtypes(version, interpreting=False)
+        monkeypatch.setattr(T, "CAPABILITIES", dataclasses.replace(T.CAPABILITIES, dtypes=dtypes, dtype_note=note))
+
+    as_on((3, 4))
+    with pytest.raises(TypeError, match=r"float64 hidden/weight.*triton >= 3\.5"):
         _common.require_dot_dtype(torch.float64)
     _common.require_dot_dtype(torch.float32)  # the other dtypes pass
-    monkeypatch.setattr(T, "TRITON_VERSION", (3, 5))
+    as_on((3, 5))
     _common.require_dot_dtype(torch.float64)
 
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ...tuning import Tuning
+from ..torch_chunked import lse_split
 
 
 def interpreting() -> bool:
@@ -49,18 +50,17 @@ def combine_partials(
 
 
 def lse_hi_lo(lse: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """``[2, N]`` in ``acc_dtype``: row 0 ``lse`` rounded, row 1 the rest (0 where not finite, and for float64),
-    for the kernels' ``p = exp((z − hi) − lo)``."""
-    hi = lse.to(acc_dtype)
-    lo = torch.where(torch.isfinite(hi), lse.to(torch.float64) - hi.to(torch.float64), 0.0).to(acc_dtype)
-    return torch.stack((hi, lo)).contiguous()
+    """``[2, N]`` in ``acc_dtype``: the torch backend's ``lse_split`` (row 0 ``lse`` rounded, row 1 the rest) as one
+    tensor for the kernels' ``p = exp((z − hi) − lo)``."""
+    return torch.stack(lse_split(lse, acc_dtype))
 
 
 def require_dot_dtype(dtype: torch.dtype) -> None:
-    """``TypeError`` when this Triton cannot compile the kernels' ``tl.dot`` for ``dtype`` (float64: Triton >= 3.5)."""
-    from . import CAPABILITIES, FP64_DOT_TRITON, TRITON_VERSION
+    """``TypeError`` when this Triton cannot compile the kernels' ``tl.dot`` for ``dtype``: float64 where the backend
+    does not declare it (Triton < 3.5, see ``declared_dtypes``)."""
+    from . import CAPABILITIES
 
-    if dtype == torch.float64 and TRITON_VERSION < FP64_DOT_TRITON:
+    if dtype == torch.float64 and dtype not in CAPABILITIES.dtypes:
         raise TypeError(f"the Triton kernels cannot take float64 hidden/weight here: {CAPABILITIES.dtype_note}")
 
 

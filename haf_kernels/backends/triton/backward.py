@@ -422,7 +422,7 @@ def linear_logprobs_bwd(
     # dW's H tiles are scaled by g / gmax (≤ 1 in magnitude), the product by gmax (no host sync)
     gmax = g.abs().amax().clamp_min(torch.finfo(acc_dtype).tiny).reshape(1)
     gn = (g / gmax).contiguous()
-    lse = lse_hi_lo(lse, acc_dtype)
+    lse_hl = lse_hi_lo(lse, acc_dtype)
     bias_c = None if bias is None else bias.contiguous()
     is_fp64 = hidden.dtype == torch.float64
     prec = dot_precision(hidden.dtype, opts.tuning)
@@ -449,7 +449,7 @@ def linear_logprobs_bwd(
                 bias_c if bias_c is not None else hidden,
                 labels,
                 g,
-                lse,
+                lse_hl,
                 dz,
                 dbp,
                 flags,
